@@ -1,0 +1,180 @@
+//! Wires store -> catalog -> writer -> registry -> http, and owns the shutdown order:
+//! stop accepting, let in-flight requests finish (each waits for its commit), stop the wallets,
+//! then let the writer commit whatever is still queued.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::catalog::Catalog;
+use crate::clock::{Clock, SystemClock};
+use crate::config::Settings;
+use crate::http::{self, AppState, auth::Auth};
+use crate::registry::{Registry, RegistryLimits};
+use crate::store::{self, writer};
+use crate::wallet::{WalletDeps, WalletLimits};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    /// Stops the writer lanes once nothing can hand them more work.
+    writer_stop: CancellationToken,
+    /// The writer lanes: shutdown waits for them to drain.
+    tracker: TaskTracker,
+    settings: Settings,
+}
+
+impl App {
+    /// Connects to the database (creating it and applying migrations) and builds the engine.
+    pub async fn build(settings: Settings) -> Result<App, StartupError> {
+        let pool = store::connect(settings.database_url.expose(), settings.db_pool_max).await?;
+        App::build_with(pool, settings, Arc::new(SystemClock)).await
+    }
+
+    /// Builds the engine on an existing pool and clock (tests inject a manual clock).
+    pub async fn build_with(
+        pool: PgPool,
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<App, StartupError> {
+        store::migrate(&pool).await?;
+        let catalog = Arc::new(Catalog::load(&pool).await?);
+        let tracker = TaskTracker::new();
+        let writer_stop = CancellationToken::new();
+        let writer = writer::spawn_lanes(
+            pool.clone(),
+            writer::WriterLimits {
+                lanes: settings.writer_lanes,
+                queue_max: settings.writer_queue_max,
+                batch_max: settings.writer_batch_max,
+            },
+            writer_stop.clone(),
+            &tracker,
+        );
+        let deps = Arc::new(WalletDeps {
+            pool: pool.clone(),
+            writer,
+            clock: clock.clone(),
+            limits: WalletLimits {
+                enqueue_wait: settings.enqueue_wait(),
+                idempotency_cache_max: settings.idempotency_cache_max,
+            },
+        });
+        let registry = Arc::new(Registry::new(
+            deps,
+            RegistryLimits {
+                wallets_max: settings.wallets_max,
+                mailbox_max: settings.mailbox_max,
+            },
+        ));
+        let state = AppState {
+            registry,
+            catalog,
+            pool,
+            auth: Arc::new(Auth::new(
+                &settings.service_tokens,
+                settings.jwt_secret.as_ref(),
+            )),
+            clock,
+        };
+        let listener = TcpListener::bind(settings.listen_addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: settings.listen_addr,
+                source,
+            })?;
+        Ok(App {
+            listener,
+            state,
+            writer_stop,
+            tracker,
+            settings,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The router over this engine, for driving it without a socket.
+    pub fn router(&self) -> Router {
+        http::router(self.state.clone())
+    }
+
+    /// Serves until `shutdown` completes, then drains and stops.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let stopping = CancellationToken::new();
+        let signal = stopping.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining in-flight requests");
+            signal.cancel();
+        });
+        let server = axum::serve(self.listener, http::router(self.state.clone()))
+            .with_graceful_shutdown(stopping.clone().cancelled_owned());
+        let deadline = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(self.settings.shutdown_timeout()).await;
+        };
+        tokio::select! {
+            served = server => served?,
+            () = deadline => tracing::warn!("in-flight requests did not finish in time"),
+        }
+        Engine {
+            state: self.state,
+            writer_stop: self.writer_stop,
+            tracker: self.tracker,
+        }
+        .stop()
+        .await;
+        Ok(())
+    }
+
+    /// Stops without serving: for tests that drove the router directly.
+    pub async fn stop(self) {
+        Engine {
+            state: self.state,
+            writer_stop: self.writer_stop,
+            tracker: self.tracker,
+        }
+        .stop()
+        .await;
+    }
+}
+
+/// The parts that outlive the HTTP server during shutdown.
+struct Engine {
+    state: AppState,
+    writer_stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Engine {
+    async fn stop(self) {
+        self.state.registry.stop_all();
+        self.writer_stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        tracing::info!("engine stopped: every queued write committed or answered");
+    }
+}

@@ -1,0 +1,116 @@
+//! Action prices and packages as an immutable snapshot. The deduct path reads the snapshot
+//! (never the price table); admin writes build a new snapshot and swap it in whole, so a deduct
+//! sees either the old price or the new one, never half of a change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use sqlx::PgPool;
+
+use crate::domain::{Credits, PackageId, PackageType};
+use crate::store::{self, ActionPriceRow, PackageRow};
+
+/// What a deduct needs of an action's price.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Price {
+    pub credits_cost: Credits,
+    pub version: i64,
+    pub enabled: bool,
+}
+
+/// What assigning a package needs of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Package {
+    pub id: PackageId,
+    pub package_type: PackageType,
+    pub credits_amount: Option<Credits>,
+    pub duration_days: Option<i32>,
+    pub priority: i32,
+    pub deleted: bool,
+    pub assign_to_new_users: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    prices: HashMap<String, Price>,
+    packages: HashMap<PackageId, Package>,
+}
+
+impl Snapshot {
+    pub fn from_rows(
+        prices: &[ActionPriceRow],
+        packages: &[PackageRow],
+    ) -> Result<Snapshot, sqlx::Error> {
+        let prices = prices
+            .iter()
+            .map(|row| {
+                let credits_cost = Credits::new(row.credits_cost).ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("negative price for {}", row.action_key))
+                })?;
+                let price = Price {
+                    credits_cost,
+                    version: row.version,
+                    enabled: row.enabled,
+                };
+                Ok((row.action_key.clone(), price))
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        let packages = packages
+            .iter()
+            .map(|row| {
+                let package = Package {
+                    id: PackageId(row.id),
+                    package_type: store::parse_package_type(&row.package_type)?,
+                    credits_amount: row.credits_amount.and_then(Credits::new),
+                    duration_days: row.duration_days,
+                    priority: row.priority,
+                    deleted: row.deleted_at.is_some(),
+                    assign_to_new_users: row.assign_to_new_users,
+                };
+                Ok((package.id, package))
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(Snapshot { prices, packages })
+    }
+
+    pub fn price(&self, action_key: &str) -> Option<&Price> {
+        self.prices.get(action_key)
+    }
+
+    pub fn package(&self, id: PackageId) -> Option<&Package> {
+        self.packages.get(&id)
+    }
+}
+
+/// The current snapshot, swapped whole on every reload.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    current: RwLock<Arc<Snapshot>>,
+}
+
+impl Catalog {
+    pub async fn load(pool: &PgPool) -> Result<Catalog, sqlx::Error> {
+        let catalog = Catalog::default();
+        catalog.reload(pool).await?;
+        Ok(catalog)
+    }
+
+    /// Reads both tables and swaps the snapshot in one step.
+    pub async fn reload(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let prices = store::load_action_prices(pool).await?;
+        let packages = store::load_packages(pool).await?;
+        let snapshot = Arc::new(Snapshot::from_rows(&prices, &packages)?);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot;
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}

@@ -1,0 +1,150 @@
+//! Command line and environment: every flag also reads an environment variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "credits-engine",
+    version,
+    about = "A credits engine for AI features"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the engine.
+    Serve(Box<Settings>),
+    /// Mint a JWT for the user or admin API.
+    Token(TokenArgs),
+}
+
+/// A secret that never shows in logs or `Debug` output.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(value.to_owned()))
+    }
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct Settings {
+    /// PostgreSQL URL; the database is created if it does not exist.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+
+    /// HTTP listen address.
+    #[arg(long, env = "CREDITS_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// Comma-separated bearer tokens for the internal API; none means it refuses all.
+    #[arg(
+        long,
+        env = "CREDITS_SERVICE_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub service_tokens: Vec<Secret>,
+
+    /// HS256 secret for user and admin JWTs; none means those APIs refuse all.
+    #[arg(long, env = "CREDITS_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// Connections in the PostgreSQL pool.
+    #[arg(long, env = "CREDITS_DB_POOL_MAX", default_value_t = 16)]
+    pub db_pool_max: u32,
+
+    /// Writer lanes (each commits on its own connection; a user always maps to one lane).
+    #[arg(long, env = "CREDITS_WRITER_LANES", default_value_t = 1)]
+    pub writer_lanes: usize,
+
+    /// Effects queued per writer lane before wallets wait.
+    #[arg(long, env = "CREDITS_WRITER_QUEUE_MAX", default_value_t = 16_384)]
+    pub writer_queue_max: usize,
+
+    /// Effects committed in one transaction.
+    #[arg(long, env = "CREDITS_WRITER_BATCH_MAX", default_value_t = 1_024)]
+    pub writer_batch_max: usize,
+
+    /// How long a request waits for room in a full writer queue before `503 overloaded`.
+    #[arg(long, env = "CREDITS_ENQUEUE_WAIT_MS", default_value_t = 200)]
+    pub enqueue_wait_ms: u64,
+
+    /// Requests queued in one wallet's mailbox before `503 overloaded`.
+    #[arg(long, env = "CREDITS_MAILBOX_MAX", default_value_t = 1_024)]
+    pub mailbox_max: usize,
+
+    /// Wallets held in memory at once.
+    #[arg(long, env = "CREDITS_WALLETS_MAX", default_value_t = 1_000_000)]
+    pub wallets_max: usize,
+
+    /// Committed idempotency keys each wallet answers from memory.
+    #[arg(long, env = "CREDITS_IDEMPOTENCY_CACHE_MAX", default_value_t = 1_024)]
+    pub idempotency_cache_max: usize,
+
+    /// Longest a graceful shutdown waits for in-flight requests before it stops anyway.
+    #[arg(long, env = "CREDITS_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Settings {
+    /// Settings for a database URL with every other value at its default.
+    pub fn for_database(database_url: &str) -> Settings {
+        let cli = Cli::parse_from(["credits-engine", "serve", "--database-url", database_url]);
+        match cli.command {
+            Command::Serve(settings) => *settings,
+            Command::Token(_) => unreachable!("parsed a serve command"),
+        }
+    }
+
+    pub fn enqueue_wait(&self) -> Duration {
+        Duration::from_millis(self.enqueue_wait_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct TokenArgs {
+    /// The user id the token speaks for (the JWT `sub`).
+    #[arg(long)]
+    pub sub: i64,
+
+    /// `admin` for the admin API.
+    #[arg(long)]
+    pub role: Option<String>,
+
+    /// Lifetime in seconds.
+    #[arg(long = "ttl", value_name = "SECONDS", default_value_t = 3_600)]
+    pub ttl_seconds: i64,
+
+    #[arg(long, env = "CREDITS_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Secret,
+}

@@ -1,0 +1,231 @@
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Credits, PackageId, UserPackageId};
+
+/// The 2 x 2 of limited/unlimited and expiring/non-expiring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackageType {
+    /// `credits_amount`, counted down, never expires.
+    Credits,
+    /// `credits_amount`, counted down, expires `duration_days` after activation.
+    Hybrid,
+    /// Unlimited while valid, expires `duration_days` after activation.
+    Duration,
+    /// Unlimited, never expires.
+    Permanent,
+}
+
+impl PackageType {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PackageType::Credits => "credits",
+            PackageType::Hybrid => "hybrid",
+            PackageType::Duration => "duration",
+            PackageType::Permanent => "permanent",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<PackageType> {
+        match text {
+            "credits" => Some(PackageType::Credits),
+            "hybrid" => Some(PackageType::Hybrid),
+            "duration" => Some(PackageType::Duration),
+            "permanent" => Some(PackageType::Permanent),
+            _ => None,
+        }
+    }
+
+    pub const fn is_unlimited(self) -> bool {
+        matches!(self, PackageType::Duration | PackageType::Permanent)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantStatus {
+    /// Assigned but not activated: not spendable, never expires.
+    Pending,
+    Active,
+    /// A limited grant with nothing left; a refund makes it active again.
+    Depleted,
+    Expired,
+    Revoked,
+}
+
+impl GrantStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            GrantStatus::Pending => "pending",
+            GrantStatus::Active => "active",
+            GrantStatus::Depleted => "depleted",
+            GrantStatus::Expired => "expired",
+            GrantStatus::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<GrantStatus> {
+        match text {
+            "pending" => Some(GrantStatus::Pending),
+            "active" => Some(GrantStatus::Active),
+            "depleted" => Some(GrantStatus::Depleted),
+            "expired" => Some(GrantStatus::Expired),
+            "revoked" => Some(GrantStatus::Revoked),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantSource {
+    Purchase,
+    Gift,
+    Promotion,
+    System,
+}
+
+impl GrantSource {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            GrantSource::Purchase => "purchase",
+            GrantSource::Gift => "gift",
+            GrantSource::Promotion => "promotion",
+            GrantSource::System => "system",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<GrantSource> {
+        match text {
+            "purchase" => Some(GrantSource::Purchase),
+            "gift" => Some(GrantSource::Gift),
+            "promotion" => Some(GrantSource::Promotion),
+            "system" => Some(GrantSource::System),
+            _ => None,
+        }
+    }
+}
+
+/// What a grant can still pay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    /// Invariant: `total = used + remaining + expired`.
+    Limited {
+        total: Credits,
+        used: Credits,
+        remaining: Credits,
+        expired: Credits,
+    },
+    /// Pays any cost while valid; `used` still counts what it paid.
+    Unlimited { used: Credits },
+}
+
+/// A grant as the wallet holds it: the part of a `user_packages` row that deductions touch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub id: UserPackageId,
+    /// Lower burns first.
+    pub priority: i32,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub status: GrantStatus,
+    pub balance: Balance,
+}
+
+impl Grant {
+    /// Whether the grant may pay or take back credits at `now`: activated, not expired or
+    /// revoked, and before its expiry (a grant is void at and after `expires_at`, whether or not
+    /// the supervisor has marked it yet).
+    pub fn is_live_at(&self, now: DateTime<Utc>) -> bool {
+        matches!(self.status, GrantStatus::Active | GrantStatus::Depleted)
+            && self.expires_at.is_none_or(|expires_at| now < expires_at)
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        matches!(self.balance, Balance::Unlimited { .. })
+    }
+
+    /// Remaining credits of a limited grant; zero for an unlimited one.
+    pub fn remaining(&self) -> Credits {
+        match self.balance {
+            Balance::Limited { remaining, .. } => remaining,
+            Balance::Unlimited { .. } => Credits::ZERO,
+        }
+    }
+
+    pub fn used(&self) -> Credits {
+        match self.balance {
+            Balance::Limited { used, .. } | Balance::Unlimited { used } => used,
+        }
+    }
+
+    /// The burn-down sort key: `priority ASC`, then `expires_at ASC` with never-expiring last,
+    /// then creation order (ids come from one increasing sequence).
+    pub fn burn_key(&self) -> (i32, bool, Option<DateTime<Utc>>, UserPackageId) {
+        (
+            self.priority,
+            self.expires_at.is_none(),
+            self.expires_at,
+            self.id,
+        )
+    }
+}
+
+/// A grant about to be assigned: computed from a package snapshot and the operator's overrides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewGrant {
+    pub package_id: PackageId,
+    pub source: GrantSource,
+    pub status: GrantStatus,
+    pub priority: i32,
+    pub unlimited: bool,
+    pub total_credits: Credits,
+    pub duration_days: Option<i32>,
+    pub activated_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl NewGrant {
+    /// The grant a package gives. Activated now, it expires `duration_days` from `now` unless
+    /// `expires_at` overrides it (a campaign gift); left pending, it has no expiry until activated
+    /// unless overridden.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_package(
+        package_id: PackageId,
+        package_type: PackageType,
+        credits_amount: Option<Credits>,
+        duration_days: Option<i32>,
+        priority: i32,
+        source: GrantSource,
+        expires_at_override: Option<DateTime<Utc>>,
+        activate: bool,
+        now: DateTime<Utc>,
+    ) -> NewGrant {
+        let unlimited = package_type.is_unlimited();
+        let total_credits = if unlimited {
+            Credits::ZERO
+        } else {
+            credits_amount.unwrap_or(Credits::ZERO)
+        };
+        let expires_at = match (expires_at_override, activate, duration_days) {
+            (Some(at), _, _) => Some(at),
+            (None, true, Some(days)) => Some(now + Duration::days(i64::from(days))),
+            _ => None,
+        };
+        NewGrant {
+            package_id,
+            source,
+            status: if activate {
+                GrantStatus::Active
+            } else {
+                GrantStatus::Pending
+            },
+            priority,
+            unlimited,
+            total_credits,
+            duration_days,
+            activated_at: activate.then_some(now),
+            expires_at,
+        }
+    }
+}

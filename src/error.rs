@@ -1,0 +1,29 @@
+//! Errors of the engine below HTTP. `http::error` maps each to a status and a machine code.
+
+use crate::domain::Credits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("insufficient credits: {remaining_credits} remaining, {credits_cost} needed")]
+    InsufficientCredits {
+        remaining_credits: Credits,
+        credits_cost: Credits,
+    },
+    #[error("the idempotency key was already used with a different request")]
+    IdempotencyConflict,
+    #[error("the consumption was not found")]
+    ConsumptionNotFound,
+    #[error("the deduction with this idempotency key is still being committed; retry shortly")]
+    ConsumptionPending,
+    #[error("the package was not found")]
+    PackageNotFound,
+    /// A queue or mailbox is full: the caller may retry after a pause.
+    #[error("the engine is overloaded: {0}")]
+    Overloaded(&'static str),
+    /// The database is unreachable or a commit failed: nothing was applied; retry later.
+    #[error("the engine cannot serve this request right now: {0}")]
+    Unavailable(&'static str),
+    /// A database error outside the deduct path (reads, admin writes).
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}

@@ -1,0 +1,113 @@
+//! The error body of the contract: `{"error": {"code", "message", ...details}}`. Internals are
+//! logged, never shown to clients.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use crate::error::EngineError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Map<String, Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details: Map::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
+        self.details.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// A field the client sent wrong (or left out): `422 invalid_field` naming it.
+    pub fn invalid_field(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+            .with("field", field)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            EngineError::InsufficientCredits {
+                remaining_credits,
+                credits_cost,
+            } => ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_credits",
+                message,
+            )
+            .with("remaining_credits", remaining_credits.get())
+            .with("credits_cost", credits_cost.get()),
+            EngineError::IdempotencyConflict => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", message)
+            }
+            EngineError::ConsumptionNotFound => {
+                ApiError::not_found("consumption_not_found", message)
+            }
+            EngineError::ConsumptionPending => {
+                ApiError::new(StatusCode::CONFLICT, "consumption_pending", message)
+                    .with("retryable", true)
+            }
+            EngineError::PackageNotFound => ApiError::not_found("package_not_found", message),
+            EngineError::Overloaded(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
+                    .with("retryable", true)
+            }
+            EngineError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+                    .with("retryable", true)
+            }
+            EngineError::Database(error) => {
+                tracing::error!(%error, "database error");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the database could not serve this request; retry",
+                )
+                .with("retryable", true)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = Map::new();
+        body.insert("code".into(), self.code.into());
+        body.insert("message".into(), self.message.into());
+        body.extend(self.details);
+        let mut response = (self.status, Json(json!({ "error": body }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,188 @@
+//! The internal API that workflow services call: check, deduct, refund.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::validate;
+use crate::domain::{ConsumptionId, Credits};
+use crate::error::EngineError;
+use crate::store;
+use crate::wallet::{
+    CheckAnswer, DeductAnswer, DeductRequest, RefundAnswer, RefundRequest, RefundTarget, WalletMsg,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBody {
+    user_id: i64,
+    action_key: String,
+    quantity: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeductBody {
+    user_id: i64,
+    action_key: String,
+    quantity: Option<i64>,
+    idempotency_key: Option<String>,
+    metadata: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundBody {
+    consumption_id: Option<i64>,
+    user_id: Option<i64>,
+    idempotency_key: Option<String>,
+    reason: Option<String>,
+}
+
+/// The price of `quantity` units of an action, from the catalog snapshot.
+struct Priced {
+    unit_cost: Credits,
+    credits_cost: Credits,
+    version: i64,
+}
+
+fn price(state: &AppState, action_key: &str, quantity: i64) -> Result<Priced, ApiError> {
+    let snapshot = state.catalog.snapshot();
+    let price = snapshot.price(action_key).ok_or_else(|| {
+        ApiError::not_found("unknown_action", format!("no action named {action_key}"))
+            .with("action_key", action_key)
+    })?;
+    if !price.enabled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "action_disabled",
+            format!("the action {action_key} is disabled"),
+        )
+        .with("action_key", action_key));
+    }
+    let credits_cost = price.credits_cost.checked_mul(quantity).ok_or_else(|| {
+        ApiError::invalid_field("quantity", "the cost of this quantity overflows")
+    })?;
+    Ok(Priced {
+        unit_cost: price.credits_cost,
+        credits_cost,
+        version: price.version,
+    })
+}
+
+/// The canonical form of a deduction request: serde_json sorts object keys, so the same request
+/// always hashes the same however its metadata was ordered.
+fn fingerprint(action_key: &str, quantity: i64, metadata: Option<&Value>) -> String {
+    let canonical = json!({
+        "action_key": action_key,
+        "quantity": quantity,
+        "metadata": metadata,
+    });
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+#[tracing::instrument(skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
+pub async fn check(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<CheckBody>,
+) -> Result<Json<CheckAnswer>, ApiError> {
+    let user_id = validate::user_id("user_id", body.user_id)?;
+    let action_key = validate::action_key(&body.action_key)?;
+    let quantity = validate::quantity(body.quantity)?;
+    let priced = price(&state, action_key, quantity)?;
+    let answer = state
+        .registry
+        .ask(user_id, |reply| WalletMsg::Check {
+            credits_cost: priced.credits_cost,
+            reply,
+        })
+        .await?;
+    Ok(Json(answer))
+}
+
+#[tracing::instrument(skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
+pub async fn deduct(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<DeductBody>,
+) -> Result<Json<DeductAnswer>, ApiError> {
+    let user_id = validate::user_id("user_id", body.user_id)?;
+    let action_key = validate::action_key(&body.action_key)?.to_owned();
+    let quantity = validate::quantity(body.quantity)?;
+    let idempotency_key = validate::idempotency_key(body.idempotency_key)?;
+    let metadata = validate::metadata(body.metadata)?;
+    let priced = price(&state, &action_key, quantity)?;
+    let request = DeductRequest {
+        fingerprint: fingerprint(&action_key, quantity, metadata.as_ref()),
+        action_key,
+        quantity,
+        unit_cost: priced.unit_cost,
+        credits_cost: priced.credits_cost,
+        price_version: priced.version,
+        idempotency_key,
+        metadata,
+    };
+    let answer = state
+        .registry
+        .ask(user_id, |reply| WalletMsg::Deduct { request, reply })
+        .await?;
+    Ok(Json(answer))
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn refund(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RefundBody>,
+) -> Result<Json<RefundAnswer>, ApiError> {
+    let reason = validate::text("reason", body.reason, validate::TEXT_CHARS_MAX)?;
+    let (user_id, target) = match (body.consumption_id, body.user_id, body.idempotency_key) {
+        (Some(id), None, None) => {
+            if id <= 0 {
+                return Err(ApiError::invalid_field(
+                    "consumption_id",
+                    "must be a positive integer",
+                ));
+            }
+            let id = ConsumptionId(id);
+            let owner = store::find_consumption_owner(&state.pool, id)
+                .await
+                .map_err(EngineError::from)?
+                .ok_or(EngineError::ConsumptionNotFound)?;
+            (owner, RefundTarget::Id(id))
+        }
+        (None, Some(user_id), Some(key)) => {
+            let user_id = validate::user_id("user_id", user_id)?;
+            let key = validate::idempotency_key(Some(key))?.unwrap_or_default();
+            (user_id, RefundTarget::IdempotencyKey(key))
+        }
+        (None, Some(_), None) => {
+            return Err(ApiError::invalid_field(
+                "idempotency_key",
+                "a refund by user_id needs the deduction's idempotency_key",
+            ));
+        }
+        (None, None, _) => {
+            return Err(ApiError::invalid_field(
+                "consumption_id",
+                "send consumption_id, or user_id with idempotency_key",
+            ));
+        }
+        (Some(_), _, _) => {
+            return Err(ApiError::invalid_field(
+                "consumption_id",
+                "send consumption_id alone, or user_id with idempotency_key, not both",
+            ));
+        }
+    };
+    let request = RefundRequest { target, reason };
+    let answer = state
+        .registry
+        .ask(user_id, |reply| WalletMsg::Refund { request, reply })
+        .await?;
+    Ok(Json(answer))
+}

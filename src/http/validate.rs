@@ -1,0 +1,103 @@
+//! Parse, don't validate: request fields become domain values here or a `422` naming the field.
+
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::domain::UserId;
+
+/// Largest quantity one deduction may carry.
+pub const QUANTITY_MAX: i64 = 1_000_000;
+/// Longest idempotency key, in characters (printable ASCII).
+pub const IDEMPOTENCY_KEY_CHARS_MAX: usize = 128;
+/// Largest metadata object, in bytes of its JSON.
+pub const METADATA_BYTES_MAX: usize = 4_096;
+/// Longest free-text field (reason, note), in characters.
+pub const TEXT_CHARS_MAX: usize = 1_024;
+/// Longest external reference, in characters.
+pub const EXTERNAL_REF_CHARS_MAX: usize = 128;
+
+pub fn user_id(field: &str, value: i64) -> Result<UserId, ApiError> {
+    if value <= 0 {
+        return Err(ApiError::invalid_field(field, "must be a positive integer"));
+    }
+    Ok(UserId(value))
+}
+
+/// `[a-z0-9_.-]`, 1 to 64 characters.
+pub fn action_key(value: &str) -> Result<&str, ApiError> {
+    let well_formed = (1..=64).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+    if !well_formed {
+        return Err(ApiError::invalid_field(
+            "action_key",
+            "must be 1-64 characters of [a-z0-9_.-]",
+        ));
+    }
+    Ok(value)
+}
+
+pub fn quantity(value: Option<i64>) -> Result<i64, ApiError> {
+    let quantity = value.unwrap_or(1);
+    if !(1..=QUANTITY_MAX).contains(&quantity) {
+        return Err(ApiError::invalid_field(
+            "quantity",
+            format!("must be between 1 and {QUANTITY_MAX}"),
+        ));
+    }
+    Ok(quantity)
+}
+
+pub fn idempotency_key(value: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(key) = value else { return Ok(None) };
+    let well_formed = (1..=IDEMPOTENCY_KEY_CHARS_MAX).contains(&key.len())
+        && key.bytes().all(|b| b.is_ascii_graphic());
+    if !well_formed {
+        return Err(ApiError::invalid_field(
+            "idempotency_key",
+            format!("must be 1-{IDEMPOTENCY_KEY_CHARS_MAX} printable ASCII characters"),
+        ));
+    }
+    Ok(Some(key))
+}
+
+pub fn metadata(value: Option<Value>) -> Result<Option<Value>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(map)) => {
+            let value = Value::Object(map);
+            let bytes = serde_json::to_vec(&value)
+                .map(|json| json.len())
+                .unwrap_or(usize::MAX);
+            if bytes > METADATA_BYTES_MAX {
+                return Err(ApiError::invalid_field(
+                    "metadata",
+                    format!("must be at most {METADATA_BYTES_MAX} bytes of JSON"),
+                ));
+            }
+            Ok(Some(value))
+        }
+        Some(_) => Err(ApiError::invalid_field("metadata", "must be a JSON object")),
+    }
+}
+
+/// Optional free text bounded to `max` characters; empty counts as absent.
+pub fn text(field: &str, value: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
+    let Some(text) = value.filter(|text| !text.is_empty()) else {
+        return Ok(None);
+    };
+    if text.chars().count() > max {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if text.contains('\0') {
+        return Err(ApiError::invalid_field(
+            field,
+            "must not contain NUL characters",
+        ));
+    }
+    Ok(Some(text))
+}

@@ -1,0 +1,46 @@
+//! credits-engine: charges users in credits for AI features, exactly, fast and durably.
+//!
+//! Each active user gets an in-memory wallet actor that serializes that user's deductions;
+//! wallets hand their effects to a batch writer that commits them to PostgreSQL in group
+//! commits, and a deduct is answered only after its batch committed.
+//!
+//! # Data flow
+//!
+//! ```text
+//!   HTTP (axum)                      http/     auth, validation, catalog snapshot lookup
+//!      |  ask(user_id, msg)
+//!      v
+//!   Registry (DashMap<user, wallet>) registry.rs   get-or-spawn, bounded mailboxes
+//!      |
+//!      v
+//!   Wallet actor (ractor)            wallet/   pure ledger logic (domain/) on memory,
+//!      |  Envelope{effect, reply}              never waits for a commit
+//!      v
+//!   Batch writer lanes               store/writer.rs   one transaction per batch, UNNEST
+//!      |  commit, then reply + Settled
+//!      v
+//!   PostgreSQL                       migrations/postgres
+//! ```
+//!
+//! The catalog (prices, packages) sits beside this path as an immutable snapshot.
+//!
+//! # Layout
+//!
+//! - [`domain`]: pure burn-down, refund and expiry rules; `now` is an argument.
+//! - [`catalog`]: action prices and packages, swapped whole on change.
+//! - [`wallet`]: the per-user actor and its messages.
+//! - [`registry`]: finds or spawns wallets.
+//! - [`store`]: every SQL statement; [`store::writer`] is the group-commit writer.
+//! - [`http`]: the router, one module per surface, and the error body.
+//! - [`app`]: wiring and shutdown order; [`config`]: flags and environment.
+
+pub mod app;
+pub mod catalog;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod registry;
+pub mod store;
+pub mod wallet;

@@ -1,0 +1,153 @@
+//! Finds a user's wallet, spawning it on the user's first request.
+//!
+//! The map holds a once-cell per user: concurrent first requests for one user all wait on the
+//! same spawn, so a user never gets two wallets. A request that finds a wallet which has
+//! stopped gets its message back from ractor (`SendErr`), drops the stale entry and retries with
+//! a fresh wallet, so no request is swallowed by a dead actor.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use ractor::{Actor, ActorRef, MessagingErr};
+use tokio::sync::{OnceCell, oneshot};
+
+use crate::domain::UserId;
+use crate::error::EngineError;
+use crate::wallet::{Reply, Wallet, WalletArgs, WalletDeps, WalletMsg};
+
+/// How often a request retries after finding a stopped wallet before giving up with `503`.
+const STALE_WALLET_RETRIES_MAX: usize = 3;
+
+#[derive(Clone, Copy, Debug)]
+pub struct RegistryLimits {
+    /// Wallets in memory at once; a request for a new user beyond it is `503 overloaded`.
+    pub wallets_max: usize,
+    /// Requests queued in one wallet's mailbox; beyond it, `503 overloaded`.
+    pub mailbox_max: usize,
+}
+
+#[derive(Clone)]
+struct WalletHandle {
+    actor: ActorRef<WalletMsg>,
+    mailbox_depth: Arc<AtomicUsize>,
+}
+
+pub struct Registry {
+    wallets: DashMap<UserId, Arc<OnceCell<WalletHandle>>>,
+    deps: Arc<WalletDeps>,
+    limits: RegistryLimits,
+}
+
+impl Registry {
+    pub fn new(deps: Arc<WalletDeps>, limits: RegistryLimits) -> Registry {
+        Registry {
+            wallets: DashMap::new(),
+            deps,
+            limits,
+        }
+    }
+
+    /// Wallets currently in memory.
+    pub fn len(&self) -> usize {
+        self.wallets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.wallets.is_empty()
+    }
+
+    /// Sends a request to the user's wallet and waits for its answer (which, for a deduction,
+    /// comes from the batch writer after the commit).
+    pub async fn ask<T>(
+        &self,
+        user_id: UserId,
+        make: impl FnOnce(Reply<T>) -> WalletMsg,
+    ) -> Result<T, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tell(user_id, make(reply)).await?;
+        answer.await.unwrap_or(Err(EngineError::Unavailable(
+            "the wallet stopped before answering; retry",
+        )))
+    }
+
+    async fn tell(&self, user_id: UserId, mut message: WalletMsg) -> Result<(), EngineError> {
+        for _ in 0..STALE_WALLET_RETRIES_MAX {
+            let handle = self.get_or_spawn(user_id).await?;
+            let depth = handle.mailbox_depth.fetch_add(1, Ordering::AcqRel);
+            if depth >= self.limits.mailbox_max {
+                handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+                return Err(EngineError::Overloaded(
+                    "this user's wallet mailbox is full",
+                ));
+            }
+            match handle.actor.send_message(message) {
+                Ok(()) => return Ok(()),
+                Err(MessagingErr::SendErr(returned)) => {
+                    handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+                    self.forget(user_id, &handle.actor);
+                    message = returned;
+                }
+                Err(_) => {
+                    handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+                    self.forget(user_id, &handle.actor);
+                    return Err(EngineError::Unavailable("the wallet stopped; retry"));
+                }
+            }
+        }
+        Err(EngineError::Unavailable("the wallet keeps stopping; retry"))
+    }
+
+    async fn get_or_spawn(&self, user_id: UserId) -> Result<WalletHandle, EngineError> {
+        let cell = match self.wallets.get(&user_id) {
+            Some(cell) => cell.clone(),
+            None => {
+                if self.wallets.len() >= self.limits.wallets_max {
+                    return Err(EngineError::Overloaded("too many wallets in memory"));
+                }
+                self.wallets.entry(user_id).or_default().clone()
+            }
+        };
+        let handle = cell.get_or_try_init(|| self.spawn(user_id)).await?.clone();
+        Ok(handle)
+    }
+
+    async fn spawn(&self, user_id: UserId) -> Result<WalletHandle, EngineError> {
+        let mailbox_depth = Arc::new(AtomicUsize::new(0));
+        let args = WalletArgs {
+            user_id,
+            deps: self.deps.clone(),
+            mailbox_depth: mailbox_depth.clone(),
+        };
+        match Actor::spawn(None, Wallet, args).await {
+            Ok((actor, _join)) => Ok(WalletHandle {
+                actor,
+                mailbox_depth,
+            }),
+            Err(error) => {
+                tracing::warn!(%user_id, %error, "wallet failed to start");
+                Err(EngineError::Unavailable(
+                    "the wallet could not load its grants",
+                ))
+            }
+        }
+    }
+
+    /// Drops the entry of a wallet that stopped, unless a newer wallet already replaced it.
+    fn forget(&self, user_id: UserId, stopped: &ActorRef<WalletMsg>) {
+        self.wallets.remove_if(&user_id, |_, cell| {
+            cell.get()
+                .is_some_and(|handle| handle.actor.get_id() == stopped.get_id())
+        });
+    }
+
+    /// Stops every wallet (at shutdown, after the HTTP server has drained).
+    pub fn stop_all(&self) {
+        for entry in self.wallets.iter() {
+            if let Some(handle) = entry.value().get() {
+                handle.actor.stop(Some("engine shutting down".into()));
+            }
+        }
+        self.wallets.clear();
+    }
+}

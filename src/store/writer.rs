@@ -1,0 +1,745 @@
+//! The batch writer: the one place the deduct path writes to PostgreSQL.
+//!
+//! Wallets apply a deduction or refund in memory and hand the effect, with the caller's reply
+//! port, to the writer lane of their user. A lane takes whatever is queued (up to `batch_max`),
+//! commits it in one transaction of a handful of array (`UNNEST`) statements, and only then
+//! answers the callers and reports back to the wallets. The next batch starts with whatever
+//! queued while this one committed: group commit without a fixed sleep.
+//!
+//! Balances are written as deltas guarded by the table's CHECKs, so each batch is correct on its
+//! own. If a batch fails, none of its effects is acknowledged, the epoch of every wallet in it is
+//! bumped, and any later effect computed under the old epoch is failed without being written;
+//! those wallets reload from the database once nothing of theirs is in flight.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ractor::{ActorId, ActorRef};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{Allocation, ConsumptionId, Credits, RefundPlan, UserId};
+use crate::error::EngineError;
+use crate::store::{self, StoredConsumption};
+use crate::wallet::{
+    DeductAnswer, DeductOutcome, DeductRequest, RefundAnswer, RefundOutcome, Reply, Settlement,
+    WalletMsg, original_answer,
+};
+
+/// Consumption ids are handed out in blocks of this many per `nextval`, so a batch knows its ids
+/// before it inserts and a lone deduct rarely pays a round trip for one.
+const CONSUMPTION_ID_BLOCK: i64 = 1024;
+
+/// Who handed an effect over, and under which epoch of that wallet's memory it was computed.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub wallet: ActorRef<WalletMsg>,
+    pub epoch: u64,
+    /// The wallet's current epoch; the writer bumps it when a batch with this wallet fails.
+    pub epoch_cell: Arc<AtomicU64>,
+}
+
+impl Origin {
+    fn is_current(&self) -> bool {
+        self.epoch_cell.load(Ordering::Acquire) == self.epoch
+    }
+
+    /// Invalidates every effect computed under this epoch (idempotent across a batch).
+    fn invalidate(&self) {
+        let _ = self.epoch_cell.compare_exchange(
+            self.epoch,
+            self.epoch + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+}
+
+#[derive(Debug)]
+pub struct DeductEffect {
+    pub user_id: UserId,
+    pub request: DeductRequest,
+    pub allocations: Vec<Allocation>,
+    pub remaining_after: Credits,
+    pub created_at: DateTime<Utc>,
+    pub reply: Reply<DeductAnswer>,
+}
+
+#[derive(Debug)]
+pub struct RefundEffect {
+    pub user_id: UserId,
+    pub consumption_id: ConsumptionId,
+    pub plan: RefundPlan,
+    pub reason: Option<String>,
+    pub remaining_after: Credits,
+    pub refunded_at: DateTime<Utc>,
+    pub reply: Reply<RefundAnswer>,
+}
+
+#[derive(Debug)]
+pub enum Effect {
+    Deduct(DeductEffect),
+    Refund(RefundEffect),
+}
+
+#[derive(Debug)]
+pub struct Envelope {
+    pub origin: Origin,
+    pub effect: Effect,
+}
+
+/// The senders of the writer lanes. A user always maps to the same lane, so one user's effects
+/// commit in the order their wallet produced them.
+#[derive(Clone, Debug)]
+pub struct WriterHandle {
+    lanes: Arc<[mpsc::Sender<Envelope>]>,
+}
+
+impl WriterHandle {
+    pub fn lane(&self, user_id: UserId) -> &mpsc::Sender<Envelope> {
+        // lanes is never empty (spawn_lanes makes at least one); rem_euclid keeps it in range.
+        let index = user_id.get().rem_euclid(self.lanes.len() as i64) as usize;
+        &self.lanes[index]
+    }
+
+    /// Effects queued in all lanes, waiting for a batch.
+    pub fn queued(&self) -> usize {
+        self.lanes
+            .iter()
+            .map(|lane| lane.max_capacity() - lane.capacity())
+            .sum()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct WriterLimits {
+    /// Writer lanes, each with its own connection while it commits.
+    pub lanes: usize,
+    /// Effects a lane's queue holds before wallets wait (and then answer `503 overloaded`).
+    pub queue_max: usize,
+    /// Effects in one transaction.
+    pub batch_max: usize,
+}
+
+/// Starts the lanes on `tracker`. Each lane runs until `stop` fires and its queue is drained.
+pub fn spawn_lanes(
+    pool: PgPool,
+    limits: WriterLimits,
+    stop: CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> WriterHandle {
+    let lanes: Vec<_> = (0..limits.lanes.max(1))
+        .map(|_| {
+            let (sender, receiver) = mpsc::channel(limits.queue_max.max(1));
+            tracker.spawn(run_lane(
+                receiver,
+                pool.clone(),
+                limits.batch_max.max(1),
+                stop.clone(),
+            ));
+            sender
+        })
+        .collect();
+    WriterHandle {
+        lanes: lanes.into(),
+    }
+}
+
+async fn run_lane(
+    mut queue: mpsc::Receiver<Envelope>,
+    pool: PgPool,
+    batch_max: usize,
+    stop: CancellationToken,
+) {
+    let mut ids = IdBlock::default();
+    loop {
+        // Biased: while anything is queued it is committed before a stop is noticed.
+        let first = tokio::select! {
+            biased;
+            envelope = queue.recv() => envelope,
+            () = stop.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        let batch = fill_batch(first, &mut queue, batch_max);
+        process(&pool, &mut ids, batch).await;
+    }
+    // Whatever raced the stop is still committed, never dropped.
+    queue.close();
+    while let Ok(first) = queue.try_recv() {
+        let batch = fill_batch(first, &mut queue, batch_max);
+        process(&pool, &mut ids, batch).await;
+    }
+    tracing::info!("writer lane drained and stopped");
+}
+
+fn fill_batch(
+    first: Envelope,
+    queue: &mut mpsc::Receiver<Envelope>,
+    batch_max: usize,
+) -> Vec<Envelope> {
+    let mut batch = Vec::with_capacity(batch_max.min(queue.len() + 1));
+    batch.push(first);
+    while batch.len() < batch_max {
+        match queue.try_recv() {
+            Ok(envelope) => batch.push(envelope),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// What the transaction did with one effect.
+enum Applied {
+    Inserted(ConsumptionId),
+    Duplicate(StoredConsumption),
+    Refunded,
+}
+
+async fn process(pool: &PgPool, ids: &mut IdBlock, batch: Vec<Envelope>) {
+    // Effects computed on memory that a failed batch invalidated are never written.
+    let (live, stale): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|envelope| envelope.origin.is_current());
+    let mut reports = Reports::default();
+    for envelope in stale {
+        fail(envelope, &mut reports);
+    }
+    if !live.is_empty() {
+        match commit(pool, ids, &live).await {
+            Ok(applied) => {
+                for (envelope, applied) in live.into_iter().zip(applied) {
+                    settle(envelope, applied, &mut reports);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, effects = live.len(), "batch failed to commit; nothing in it is acknowledged");
+                for envelope in &live {
+                    envelope.origin.invalidate();
+                }
+                for envelope in live {
+                    fail(envelope, &mut reports);
+                }
+            }
+        }
+    }
+    reports.send();
+}
+
+/// Settlements grouped per wallet: one message per wallet per batch.
+#[derive(Default)]
+struct Reports {
+    by_wallet: HashMap<ActorId, (ActorRef<WalletMsg>, Vec<Settlement>)>,
+}
+
+impl Reports {
+    fn push(&mut self, origin: &Origin, settlement: Settlement) {
+        self.by_wallet
+            .entry(origin.wallet.get_id())
+            .or_insert_with(|| (origin.wallet.clone(), Vec::new()))
+            .1
+            .push(settlement);
+    }
+
+    fn send(self) {
+        for (wallet, settlements) in self.by_wallet.into_values() {
+            // A wallet that is gone has nothing left to reconcile: its successor loads from the
+            // database, which holds exactly what committed.
+            let _ = wallet.send_message(WalletMsg::Settled(settlements));
+        }
+    }
+}
+
+fn fail(envelope: Envelope, reports: &mut Reports) {
+    let unavailable = || EngineError::Unavailable("the write did not commit; nothing was charged");
+    match envelope.effect {
+        Effect::Deduct(effect) => {
+            let _ = effect.reply.send(Err(unavailable()));
+            reports.push(
+                &envelope.origin,
+                Settlement::Deduct {
+                    idempotency_key: effect.request.idempotency_key,
+                    allocations: effect.allocations,
+                    outcome: DeductOutcome::Failed,
+                },
+            );
+        }
+        Effect::Refund(effect) => {
+            let _ = effect.reply.send(Err(unavailable()));
+            reports.push(
+                &envelope.origin,
+                Settlement::Refund {
+                    consumption_id: effect.consumption_id,
+                    outcome: RefundOutcome::Failed,
+                },
+            );
+        }
+    }
+}
+
+fn settle(envelope: Envelope, applied: Applied, reports: &mut Reports) {
+    match (envelope.effect, applied) {
+        (Effect::Deduct(effect), Applied::Inserted(consumption_id)) => {
+            let answer = DeductAnswer {
+                consumption_id,
+                credits_cost: effect.request.credits_cost,
+                remaining_credits: effect.remaining_after,
+                allocations: effect.allocations.clone(),
+                replayed: false,
+            };
+            let _ = effect.reply.send(Ok(answer.clone()));
+            reports.push(
+                &envelope.origin,
+                Settlement::Deduct {
+                    idempotency_key: effect.request.idempotency_key,
+                    allocations: effect.allocations,
+                    outcome: DeductOutcome::Committed(answer),
+                },
+            );
+        }
+        (Effect::Deduct(effect), Applied::Duplicate(stored)) => {
+            let original = original_answer(&stored);
+            let answer = if stored.request_fingerprint == effect.request.fingerprint {
+                Ok(original.replayed())
+            } else {
+                Err(EngineError::IdempotencyConflict)
+            };
+            let _ = effect.reply.send(answer);
+            reports.push(
+                &envelope.origin,
+                Settlement::Deduct {
+                    idempotency_key: effect.request.idempotency_key,
+                    allocations: effect.allocations,
+                    outcome: DeductOutcome::Duplicate {
+                        fingerprint: stored.request_fingerprint,
+                        original,
+                    },
+                },
+            );
+        }
+        (Effect::Refund(effect), Applied::Refunded) => {
+            let answer = RefundAnswer {
+                consumption_id: effect.consumption_id,
+                refunded_credits: effect.plan.refunded_credits(),
+                forfeited_credits: effect.plan.forfeited_credits(),
+                remaining_credits: effect.remaining_after,
+                replayed: false,
+            };
+            let _ = effect.reply.send(Ok(answer.clone()));
+            reports.push(
+                &envelope.origin,
+                Settlement::Refund {
+                    consumption_id: effect.consumption_id,
+                    outcome: RefundOutcome::Committed(answer),
+                },
+            );
+        }
+        // commit() answers each effect with its own kind.
+        (effect, _) => unreachable!("commit answered {effect:?} with another kind"),
+    }
+}
+
+/// Consumption ids reserved from `consumption_id_blocks`: [next, end).
+#[derive(Default)]
+struct IdBlock {
+    next: i64,
+    end: i64,
+}
+
+impl IdBlock {
+    async fn take(&mut self, pool: &PgPool, count: usize) -> Result<Vec<i64>, sqlx::Error> {
+        let mut ids = Vec::with_capacity(count);
+        while ids.len() < count {
+            if self.next == self.end {
+                let block: i64 = sqlx::query_scalar("SELECT nextval('consumption_id_blocks')")
+                    .fetch_one(pool)
+                    .await?;
+                self.next = block * CONSUMPTION_ID_BLOCK;
+                self.end = self.next + CONSUMPTION_ID_BLOCK;
+            }
+            ids.push(self.next);
+            self.next += 1;
+        }
+        Ok(ids)
+    }
+}
+
+/// Column arrays of the deducts in a batch, in batch order.
+#[derive(Default)]
+struct DeductColumns {
+    user_ids: Vec<i64>,
+    ids: Vec<i64>,
+    action_keys: Vec<String>,
+    quantities: Vec<i64>,
+    unit_costs: Vec<i64>,
+    credits_costs: Vec<i64>,
+    price_versions: Vec<i64>,
+    idempotency_keys: Vec<Option<String>>,
+    fingerprints: Vec<String>,
+    remaining_after: Vec<i64>,
+    metadata: Vec<Option<serde_json::Value>>,
+    created_at: Vec<DateTime<Utc>>,
+}
+
+/// Commits the batch in one transaction and says, per effect, what was applied. Any error rolls
+/// the whole batch back.
+async fn commit(
+    pool: &PgPool,
+    ids: &mut IdBlock,
+    batch: &[Envelope],
+) -> Result<Vec<Applied>, sqlx::Error> {
+    let deducts: Vec<&DeductEffect> = batch
+        .iter()
+        .filter_map(|envelope| match &envelope.effect {
+            Effect::Deduct(effect) => Some(effect),
+            Effect::Refund(_) => None,
+        })
+        .collect();
+    let refunds: Vec<&RefundEffect> = batch
+        .iter()
+        .filter_map(|envelope| match &envelope.effect {
+            Effect::Refund(effect) => Some(effect),
+            Effect::Deduct(_) => None,
+        })
+        .collect();
+    let consumption_ids = ids.take(pool, deducts.len()).await?;
+
+    let mut tx = pool.begin().await?;
+    let mut grant_deltas: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    let mut events = Events::default();
+
+    // Deductions: insert optimistically; a key that already exists turns into a replay.
+    let mut columns = DeductColumns::default();
+    for (effect, &id) in deducts.iter().zip(&consumption_ids) {
+        let request = &effect.request;
+        columns.user_ids.push(effect.user_id.get());
+        columns.ids.push(id);
+        columns.action_keys.push(request.action_key.clone());
+        columns.quantities.push(request.quantity);
+        columns.unit_costs.push(request.unit_cost.get());
+        columns.credits_costs.push(request.credits_cost.get());
+        columns.price_versions.push(request.price_version);
+        columns
+            .idempotency_keys
+            .push(request.idempotency_key.clone());
+        columns.fingerprints.push(request.fingerprint.clone());
+        columns.remaining_after.push(effect.remaining_after.get());
+        columns.metadata.push(request.metadata.clone());
+        columns.created_at.push(effect.created_at);
+    }
+    let inserted: HashSet<i64> = if deducts.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar(
+            "INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
+                 credits_cost, price_version, idempotency_key, request_fingerprint,
+                 remaining_after, metadata, created_at)
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[],
+                 $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bigint[],
+                 $11::jsonb[], $12::timestamptz[])
+             ON CONFLICT ON CONSTRAINT consumption_records_idempotency DO NOTHING
+             RETURNING id",
+        )
+        .bind(&columns.user_ids)
+        .bind(&columns.ids)
+        .bind(&columns.action_keys)
+        .bind(&columns.quantities)
+        .bind(&columns.unit_costs)
+        .bind(&columns.credits_costs)
+        .bind(&columns.price_versions)
+        .bind(&columns.idempotency_keys)
+        .bind(&columns.fingerprints)
+        .bind(&columns.remaining_after)
+        .bind(&columns.metadata)
+        .bind(&columns.created_at)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect()
+    };
+
+    let mut duplicates = HashMap::new();
+    let conflicted: Vec<&DeductEffect> = deducts
+        .iter()
+        .zip(&consumption_ids)
+        .filter(|(_, id)| !inserted.contains(id))
+        .map(|(effect, _)| *effect)
+        .collect();
+    if !conflicted.is_empty() {
+        let user_ids: Vec<i64> = conflicted.iter().map(|e| e.user_id.get()).collect();
+        let keys: Vec<&str> = conflicted
+            .iter()
+            .map(|e| e.request.idempotency_key.as_deref().unwrap_or_default())
+            .collect();
+        for (key, stored) in store::find_consumptions_by_keys(&mut tx, &user_ids, &keys).await? {
+            duplicates.insert((stored.user_id, key), stored);
+        }
+    }
+
+    let mut allocation_rows: [Vec<i64>; 4] = Default::default();
+    let mut applied = Vec::with_capacity(batch.len());
+    let mut deduct_answers = deducts.iter().zip(&consumption_ids);
+    let mut refund_index = 0;
+    for envelope in batch {
+        match &envelope.effect {
+            Effect::Deduct(_) => {
+                let Some((effect, &id)) = deduct_answers.next() else {
+                    return Err(protocol("deduct effects out of step"));
+                };
+                if inserted.contains(&id) {
+                    for allocation in &effect.allocations {
+                        allocation_rows[0].push(effect.user_id.get());
+                        allocation_rows[1].push(id);
+                        allocation_rows[2].push(allocation.user_package_id.get());
+                        allocation_rows[3].push(allocation.credits.get());
+                        *grant_deltas
+                            .entry((effect.user_id.get(), allocation.user_package_id.get()))
+                            .or_default() += allocation.credits.get();
+                    }
+                    events.push(
+                        "billing_credits_deduct",
+                        effect.user_id,
+                        json!({
+                            "consumption_id": id,
+                            "action_key": effect.request.action_key,
+                            "quantity": effect.request.quantity,
+                            "credits_cost": effect.request.credits_cost,
+                            "price_version": effect.request.price_version,
+                            "idempotency_key": effect.request.idempotency_key,
+                            "allocations": effect.allocations,
+                        }),
+                        effect.created_at,
+                    );
+                    applied.push(Applied::Inserted(ConsumptionId(id)));
+                } else {
+                    let key = effect.request.idempotency_key.clone().unwrap_or_default();
+                    let stored = duplicates
+                        .remove(&(effect.user_id, key))
+                        .ok_or_else(|| protocol("a conflicting consumption vanished"))?;
+                    applied.push(Applied::Duplicate(stored));
+                }
+            }
+            Effect::Refund(_) => {
+                let effect = refunds[refund_index];
+                refund_index += 1;
+                for allocation in &effect.plan.restore {
+                    *grant_deltas
+                        .entry((effect.user_id.get(), allocation.user_package_id.get()))
+                        .or_default() -= allocation.credits.get();
+                }
+                events.push(
+                    "billing_consumption_refund",
+                    effect.user_id,
+                    json!({
+                        "consumption_id": effect.consumption_id,
+                        "refunded_credits": effect.plan.refunded_credits(),
+                        "forfeited_credits": effect.plan.forfeited_credits(),
+                        "restored": effect.plan.restore,
+                        "forfeited": effect.plan.forfeit,
+                        "reason": effect.reason,
+                    }),
+                    effect.refunded_at,
+                );
+                applied.push(Applied::Refunded);
+            }
+        }
+    }
+
+    if !allocation_rows[0].is_empty() {
+        sqlx::query(
+            "INSERT INTO consumption_allocations (user_id, consumption_id, user_package_id, credits)
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])",
+        )
+        .bind(&allocation_rows[0])
+        .bind(&allocation_rows[1])
+        .bind(&allocation_rows[2])
+        .bind(&allocation_rows[3])
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    if !refunds.is_empty() {
+        write_refunds(&mut tx, &refunds).await?;
+    }
+
+    grant_deltas.retain(|_, delta| *delta != 0);
+    if !grant_deltas.is_empty() {
+        let (keys, deltas): (Vec<(i64, i64)>, Vec<i64>) = grant_deltas.into_iter().unzip();
+        let (user_ids, grant_ids): (Vec<i64>, Vec<i64>) = keys.into_iter().unzip();
+        let updated = sqlx::query(
+            "UPDATE user_packages g
+             SET used_credits = g.used_credits + d.used,
+                 remaining_credits = CASE WHEN g.unlimited THEN 0 ELSE g.remaining_credits - d.used END,
+                 status = CASE
+                     WHEN g.unlimited OR g.status NOT IN ('active', 'depleted') THEN g.status
+                     WHEN g.remaining_credits - d.used = 0 THEN 'depleted'
+                     ELSE 'active' END,
+                 updated_at = now()
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS d(user_id, id, used)
+             WHERE g.user_id = d.user_id AND g.id = d.id",
+        )
+        .bind(&user_ids)
+        .bind(&grant_ids)
+        .bind(&deltas)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != user_ids.len() as u64 {
+            return Err(protocol("a grant named by an allocation does not exist"));
+        }
+    }
+
+    events.insert(&mut tx).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Marks the consumptions refunded and records, per allocation, what came back and what was
+/// forfeited. A consumption that is no longer `completed` fails the batch: its wallet computed
+/// the refund on memory the database does not share, so the wallet must reload.
+async fn write_refunds(
+    tx: &mut sqlx::PgConnection,
+    refunds: &[&RefundEffect],
+) -> Result<(), sqlx::Error> {
+    let user_ids: Vec<i64> = refunds.iter().map(|r| r.user_id.get()).collect();
+    let ids: Vec<i64> = refunds.iter().map(|r| r.consumption_id.get()).collect();
+    let refunded: Vec<i64> = refunds
+        .iter()
+        .map(|r| r.plan.refunded_credits().get())
+        .collect();
+    let forfeited: Vec<i64> = refunds
+        .iter()
+        .map(|r| r.plan.forfeited_credits().get())
+        .collect();
+    let reasons: Vec<Option<String>> = refunds.iter().map(|r| r.reason.clone()).collect();
+    let times: Vec<DateTime<Utc>> = refunds.iter().map(|r| r.refunded_at).collect();
+    let marked = sqlx::query(
+        "UPDATE consumption_records c
+         SET status = 'refunded', refunded_credits = r.refunded, forfeited_credits = r.forfeited,
+             refund_reason = r.reason, refunded_at = r.at
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[],
+                     $6::timestamptz[]) AS r(user_id, id, refunded, forfeited, reason, at)
+         WHERE c.user_id = r.user_id AND c.id = r.id AND c.status = 'completed'",
+    )
+    .bind(&user_ids)
+    .bind(&ids)
+    .bind(&refunded)
+    .bind(&forfeited)
+    .bind(&reasons)
+    .bind(&times)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if marked != refunds.len() as u64 {
+        return Err(protocol(
+            "a refunded consumption was not in state completed",
+        ));
+    }
+
+    let mut lines: [Vec<i64>; 5] = Default::default();
+    for refund in refunds {
+        let shares = refund
+            .plan
+            .restore
+            .iter()
+            .map(|a| (a, true))
+            .chain(refund.plan.forfeit.iter().map(|a| (a, false)));
+        for (allocation, restored) in shares {
+            lines[0].push(refund.user_id.get());
+            lines[1].push(refund.consumption_id.get());
+            lines[2].push(allocation.user_package_id.get());
+            lines[3].push(if restored {
+                allocation.credits.get()
+            } else {
+                0
+            });
+            lines[4].push(if restored {
+                0
+            } else {
+                allocation.credits.get()
+            });
+        }
+    }
+    let updated = sqlx::query(
+        "UPDATE consumption_allocations a
+         SET refunded_credits = a.refunded_credits + x.refunded,
+             forfeited_credits = a.forfeited_credits + x.forfeited
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+              AS x(user_id, consumption_id, user_package_id, refunded, forfeited)
+         WHERE a.user_id = x.user_id AND a.consumption_id = x.consumption_id
+           AND a.user_package_id = x.user_package_id",
+    )
+    .bind(&lines[0])
+    .bind(&lines[1])
+    .bind(&lines[2])
+    .bind(&lines[3])
+    .bind(&lines[4])
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated != lines[0].len() as u64 {
+        return Err(protocol("a refunded allocation does not exist"));
+    }
+    Ok(())
+}
+
+/// Audit events of a batch, inserted in one statement.
+#[derive(Default)]
+struct Events {
+    kinds: Vec<&'static str>,
+    user_ids: Vec<i64>,
+    payloads: Vec<serde_json::Value>,
+    times: Vec<DateTime<Utc>>,
+}
+
+impl Events {
+    fn push(
+        &mut self,
+        kind: &'static str,
+        user_id: UserId,
+        payload: serde_json::Value,
+        at: DateTime<Utc>,
+    ) {
+        self.kinds.push(kind);
+        self.user_ids.push(user_id.get());
+        self.payloads.push(payload);
+        self.times.push(at);
+    }
+
+    async fn insert(self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        if self.kinds.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO billing_events (kind, user_id, payload, created_at)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::jsonb[], $4::timestamptz[])",
+        )
+        .bind(&self.kinds)
+        .bind(&self.user_ids)
+        .bind(&self.payloads)
+        .bind(&self.times)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+}
+
+fn protocol(message: &str) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("batch writer invariant: {message}"))
+}
+
+/// How long a wallet waits for room in its writer lane before answering `503 overloaded`.
+pub async fn reserve(
+    lane: &mpsc::Sender<Envelope>,
+    wait: Duration,
+) -> Result<mpsc::Permit<'_, Envelope>, EngineError> {
+    match tokio::time::timeout(wait, lane.reserve()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_closed)) => Err(EngineError::Unavailable("the engine is shutting down")),
+        Err(_elapsed) => Err(EngineError::Overloaded("the writer queue is full")),
+    }
+}

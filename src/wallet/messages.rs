@@ -1,0 +1,151 @@
+//! What wallets are asked, what they answer, and what the batch writer reports back to them.
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::domain::{Allocation, ConsumptionId, Credits, NewGrant};
+use crate::error::EngineError;
+use crate::store::UserPackageRow;
+
+/// Where a wallet (or the writer, after the commit) sends its answer.
+pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// A priced, validated deduction. The HTTP edge has already read the catalog snapshot.
+#[derive(Clone, Debug)]
+pub struct DeductRequest {
+    pub action_key: String,
+    pub quantity: i64,
+    pub unit_cost: Credits,
+    pub credits_cost: Credits,
+    pub price_version: i64,
+    pub idempotency_key: Option<String>,
+    /// sha-256 of the request's canonical form; the same key with another fingerprint conflicts.
+    pub fingerprint: String,
+    pub metadata: Option<Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeductAnswer {
+    pub consumption_id: ConsumptionId,
+    pub credits_cost: Credits,
+    pub remaining_credits: Credits,
+    pub allocations: Vec<Allocation>,
+    pub replayed: bool,
+}
+
+impl DeductAnswer {
+    pub fn replayed(&self) -> DeductAnswer {
+        DeductAnswer {
+            replayed: true,
+            ..self.clone()
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckAnswer {
+    pub sufficient: bool,
+    pub credits_cost: Credits,
+    pub remaining_credits: Credits,
+    pub unlimited: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum RefundTarget {
+    Id(ConsumptionId),
+    IdempotencyKey(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct RefundRequest {
+    pub target: RefundTarget,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RefundAnswer {
+    pub consumption_id: ConsumptionId,
+    pub refunded_credits: Credits,
+    pub forfeited_credits: Credits,
+    pub remaining_credits: Credits,
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct AssignRequest {
+    pub grant: NewGrant,
+    pub external_ref: Option<String>,
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AssignAnswer {
+    pub user_package: UserPackageRow,
+    /// False when `external_ref` named an earlier assignment, which is returned instead.
+    pub created: bool,
+}
+
+/// What the batch writer reports to a wallet about one effect it handed over.
+#[derive(Debug)]
+pub enum Settlement {
+    Deduct {
+        idempotency_key: Option<String>,
+        allocations: Vec<Allocation>,
+        outcome: DeductOutcome,
+    },
+    Refund {
+        consumption_id: ConsumptionId,
+        outcome: RefundOutcome,
+    },
+}
+
+#[derive(Debug)]
+pub enum DeductOutcome {
+    Committed(DeductAnswer),
+    /// The key was already committed (by an earlier life of this wallet): nothing was written,
+    /// and the wallet gives back the allocations it had taken.
+    Duplicate {
+        fingerprint: String,
+        original: DeductAnswer,
+    },
+    /// The batch did not commit: memory is ahead of the database until the wallet reloads.
+    Failed,
+}
+
+#[derive(Debug)]
+pub enum RefundOutcome {
+    Committed(RefundAnswer),
+    Failed,
+}
+
+/// A wallet's mailbox.
+#[derive(Debug)]
+pub enum WalletMsg {
+    Check {
+        credits_cost: Credits,
+        reply: Reply<CheckAnswer>,
+    },
+    Deduct {
+        request: DeductRequest,
+        reply: Reply<DeductAnswer>,
+    },
+    Refund {
+        request: RefundRequest,
+        reply: Reply<RefundAnswer>,
+    },
+    Assign {
+        request: AssignRequest,
+        reply: Reply<AssignAnswer>,
+    },
+    /// From the batch writer, once per batch that held effects of this wallet.
+    Settled(Vec<Settlement>),
+}
+
+impl WalletMsg {
+    /// Requests count against the mailbox limit; settlements do not (they are bounded by the
+    /// writer's queue, and refusing them would strand the wallet).
+    pub fn is_request(&self) -> bool {
+        !matches!(self, WalletMsg::Settled(_))
+    }
+}

@@ -1,0 +1,550 @@
+//! One ractor actor per active user: the only writer of that user's balances while it lives.
+//!
+//! A wallet applies each deduction to its in-memory grants at once and hands the effect to the
+//! batch writer, then takes the next message: it never waits for a commit. The writer answers
+//! the caller after the commit and reports back (`Settled`). So memory is always the committed
+//! state minus the effects in flight; when a batch fails, the wallet refuses work until its
+//! in-flight effects have settled and then reloads from the database.
+
+mod messages;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use sqlx::PgPool;
+
+pub use messages::*;
+
+use crate::clock::Clock;
+use crate::domain::{self, ConsumptionId, Grant, UserId};
+use crate::error::EngineError;
+use crate::store::writer::{
+    self, DeductEffect, Effect, Envelope, Origin, RefundEffect, WriterHandle,
+};
+use crate::store::{self, StoredConsumption};
+
+/// What every wallet shares.
+pub struct WalletDeps {
+    pub pool: PgPool,
+    pub writer: WriterHandle,
+    pub clock: Arc<dyn Clock>,
+    pub limits: WalletLimits,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct WalletLimits {
+    /// How long a wallet waits for room in the writer queue before `503 overloaded`.
+    pub enqueue_wait: Duration,
+    /// Committed idempotency keys remembered per wallet; older ones fall back to the database.
+    pub idempotency_cache_max: usize,
+}
+
+pub struct WalletArgs {
+    pub user_id: UserId,
+    pub deps: Arc<WalletDeps>,
+    /// Requests sent but not yet taken from the mailbox; the registry bounds it.
+    pub mailbox_depth: Arc<AtomicUsize>,
+}
+
+/// The actor type; all of its state lives in [`WalletState`].
+pub struct Wallet;
+
+enum KeyState {
+    /// Handed to the writer; duplicates that arrive meanwhile wait for its outcome.
+    InFlight {
+        fingerprint: String,
+        waiters: Vec<Reply<DeductAnswer>>,
+    },
+    /// Committed: a retry is answered from memory.
+    Done {
+        fingerprint: String,
+        answer: DeductAnswer,
+    },
+}
+
+pub struct WalletState {
+    user_id: UserId,
+    deps: Arc<WalletDeps>,
+    mailbox_depth: Arc<AtomicUsize>,
+    /// The user's pending, active and depleted grants, in burn-down order.
+    grants: Vec<Grant>,
+    keys: HashMap<String, KeyState>,
+    /// Committed keys, oldest first, for evicting beyond `idempotency_cache_max`.
+    done_keys: VecDeque<String>,
+    /// Refunds handed to the writer; concurrent refunds of the same consumption wait here.
+    refunds_in_flight: HashMap<ConsumptionId, Vec<Reply<RefundAnswer>>>,
+    /// Effects handed to the writer and not yet settled.
+    in_flight: usize,
+    /// The epoch this memory was loaded under; effects carry it.
+    epoch: u64,
+    /// Bumped by the writer when a batch holding this wallet's effects fails.
+    epoch_cell: Arc<AtomicU64>,
+}
+
+impl Actor for Wallet {
+    type Msg = WalletMsg;
+    type State = WalletState;
+    type Arguments = WalletArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<WalletMsg>,
+        args: WalletArgs,
+    ) -> Result<WalletState, ActorProcessingErr> {
+        let grants = load_grants(&args.deps.pool, args.user_id).await?;
+        Ok(WalletState {
+            user_id: args.user_id,
+            deps: args.deps,
+            mailbox_depth: args.mailbox_depth,
+            grants,
+            keys: HashMap::new(),
+            done_keys: VecDeque::new(),
+            refunds_in_flight: HashMap::new(),
+            in_flight: 0,
+            epoch: 0,
+            epoch_cell: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<WalletMsg>,
+        message: WalletMsg,
+        state: &mut WalletState,
+    ) -> Result<(), ActorProcessingErr> {
+        if message.is_request() {
+            state.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+        }
+        match message {
+            WalletMsg::Check {
+                credits_cost,
+                reply,
+            } => {
+                let answer = state.check(credits_cost).await;
+                let _ = reply.send(answer);
+            }
+            WalletMsg::Deduct { request, reply } => state.deduct(&myself, request, reply).await,
+            WalletMsg::Refund { request, reply } => state.refund(&myself, request, reply).await,
+            WalletMsg::Assign { request, reply } => {
+                let _ = reply.send(state.assign(request).await);
+            }
+            WalletMsg::Settled(settlements) => state.settle(settlements).await,
+        }
+        Ok(())
+    }
+}
+
+async fn load_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
+    let mut grants = store::load_wallet_grants(pool, user_id).await?;
+    domain::sort_burn_order(&mut grants);
+    Ok(grants)
+}
+
+impl WalletState {
+    fn is_stale(&self) -> bool {
+        self.epoch_cell.load(Ordering::Acquire) != self.epoch
+    }
+
+    /// Makes sure memory matches the database plus what is in flight. After a failed batch the
+    /// wallet waits for its in-flight effects to settle, then reloads.
+    async fn ensure_fresh(&mut self) -> Result<(), EngineError> {
+        if !self.is_stale() {
+            return Ok(());
+        }
+        if self.in_flight > 0 {
+            return Err(EngineError::Unavailable(
+                "this wallet is resynchronizing after a failed write",
+            ));
+        }
+        let epoch = self.epoch_cell.load(Ordering::Acquire);
+        match load_grants(&self.deps.pool, self.user_id).await {
+            Ok(grants) => {
+                self.grants = grants;
+                self.epoch = epoch;
+                tracing::info!(user_id = %self.user_id, epoch, "wallet reloaded after a failed write");
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(user_id = %self.user_id, %error, "wallet reload failed");
+                Err(EngineError::Unavailable("the database is unreachable"))
+            }
+        }
+    }
+
+    fn origin(&self, myself: &ActorRef<WalletMsg>) -> Origin {
+        Origin {
+            wallet: myself.clone(),
+            epoch: self.epoch,
+            epoch_cell: self.epoch_cell.clone(),
+        }
+    }
+
+    async fn check(&mut self, credits_cost: domain::Credits) -> Result<CheckAnswer, EngineError> {
+        self.ensure_fresh().await?;
+        let now = self.deps.clock.now();
+        let totals = domain::totals(&self.grants, now);
+        Ok(CheckAnswer {
+            sufficient: domain::plan_deduction(&self.grants, credits_cost, now).is_ok(),
+            credits_cost,
+            remaining_credits: totals.remaining_credits,
+            unlimited: totals.unlimited,
+        })
+    }
+
+    async fn deduct(
+        &mut self,
+        myself: &ActorRef<WalletMsg>,
+        request: DeductRequest,
+        reply: Reply<DeductAnswer>,
+    ) {
+        if let Err(error) = self.ensure_fresh().await {
+            let _ = reply.send(Err(error));
+            return;
+        }
+        // A key seen since this wallet started is answered (or queued) from memory.
+        let reply = match &request.idempotency_key {
+            Some(key) => match self.keys.get_mut(key) {
+                Some(KeyState::Done {
+                    fingerprint,
+                    answer,
+                }) => {
+                    let _ = reply.send(replay_or_conflict(
+                        fingerprint,
+                        &request.fingerprint,
+                        answer,
+                    ));
+                    return;
+                }
+                Some(KeyState::InFlight {
+                    fingerprint,
+                    waiters,
+                }) => {
+                    if *fingerprint == request.fingerprint {
+                        waiters.push(reply);
+                    } else {
+                        let _ = reply.send(Err(EngineError::IdempotencyConflict));
+                    }
+                    return;
+                }
+                None => reply,
+            },
+            None => reply,
+        };
+
+        let deps = self.deps.clone();
+        let permit =
+            match writer::reserve(deps.writer.lane(self.user_id), deps.limits.enqueue_wait).await {
+                Ok(permit) => permit,
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
+            };
+        let now = deps.clock.now();
+        let allocations = match domain::plan_deduction(&self.grants, request.credits_cost, now) {
+            Ok(allocations) => allocations,
+            Err(short) => {
+                drop(permit);
+                let answer = self.insufficient(&request, short, reply).await;
+                if let Some((reply, answer)) = answer {
+                    let _ = reply.send(answer);
+                }
+                return;
+            }
+        };
+        domain::apply_deduction(&mut self.grants, &allocations);
+        let remaining_after = domain::totals(&self.grants, now).remaining_credits;
+        if let Some(key) = &request.idempotency_key {
+            self.keys.insert(
+                key.clone(),
+                KeyState::InFlight {
+                    fingerprint: request.fingerprint.clone(),
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        self.in_flight += 1;
+        permit.send(Envelope {
+            origin: self.origin(myself),
+            effect: Effect::Deduct(DeductEffect {
+                user_id: self.user_id,
+                request,
+                allocations,
+                remaining_after,
+                created_at: now,
+                reply,
+            }),
+        });
+    }
+
+    /// A deduction the grants cannot pay. With an idempotency key this wallet has not seen,
+    /// the key may have been committed by an earlier life of the wallet: look it up, so a retry
+    /// of a charge that succeeded is a replay, not a `402`.
+    async fn insufficient(
+        &mut self,
+        request: &DeductRequest,
+        short: domain::Insufficient,
+        reply: Reply<DeductAnswer>,
+    ) -> Option<(Reply<DeductAnswer>, Result<DeductAnswer, EngineError>)> {
+        let insufficient = Err(EngineError::InsufficientCredits {
+            remaining_credits: short.remaining_credits,
+            credits_cost: request.credits_cost,
+        });
+        let Some(key) = &request.idempotency_key else {
+            return Some((reply, insufficient));
+        };
+        match store::find_consumption_by_key(&self.deps.pool, self.user_id, key).await {
+            Ok(None) => Some((reply, insufficient)),
+            Ok(Some(stored)) => {
+                let original = original_answer(&stored);
+                let answer = replay_or_conflict(
+                    &stored.request_fingerprint,
+                    &request.fingerprint,
+                    &original,
+                );
+                self.remember(key.clone(), stored.request_fingerprint, original);
+                Some((reply, answer))
+            }
+            Err(error) => {
+                tracing::warn!(user_id = %self.user_id, %error, "idempotency lookup failed");
+                Some((
+                    reply,
+                    Err(EngineError::Unavailable("the database is unreachable")),
+                ))
+            }
+        }
+    }
+
+    fn remember(&mut self, key: String, fingerprint: String, answer: DeductAnswer) {
+        let replaced = self.keys.insert(
+            key.clone(),
+            KeyState::Done {
+                fingerprint,
+                answer,
+            },
+        );
+        if !matches!(replaced, Some(KeyState::Done { .. })) {
+            self.done_keys.push_back(key);
+        }
+        while self.done_keys.len() > self.deps.limits.idempotency_cache_max {
+            if let Some(oldest) = self.done_keys.pop_front() {
+                self.keys.remove(&oldest);
+            }
+        }
+    }
+
+    async fn refund(
+        &mut self,
+        myself: &ActorRef<WalletMsg>,
+        request: RefundRequest,
+        reply: Reply<RefundAnswer>,
+    ) {
+        let stored = match self.find_refundable(&request.target).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
+        if let Some(waiters) = self.refunds_in_flight.get_mut(&stored.id) {
+            waiters.push(reply);
+            return;
+        }
+        let now = self.deps.clock.now();
+        if stored.refunded {
+            let _ = reply.send(Ok(RefundAnswer {
+                consumption_id: stored.id,
+                refunded_credits: stored.refunded_credits,
+                forfeited_credits: stored.forfeited_credits,
+                remaining_credits: domain::totals(&self.grants, now).remaining_credits,
+                replayed: true,
+            }));
+            return;
+        }
+        let deps = self.deps.clone();
+        let permit =
+            match writer::reserve(deps.writer.lane(self.user_id), deps.limits.enqueue_wait).await {
+                Ok(permit) => permit,
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
+            };
+        let plan = domain::plan_refund(&self.grants, &stored.lines, now);
+        domain::restore(&mut self.grants, &plan.restore);
+        let remaining_after = domain::totals(&self.grants, now).remaining_credits;
+        self.refunds_in_flight.insert(stored.id, Vec::new());
+        self.in_flight += 1;
+        permit.send(Envelope {
+            origin: self.origin(myself),
+            effect: Effect::Refund(RefundEffect {
+                user_id: self.user_id,
+                consumption_id: stored.id,
+                plan,
+                reason: request.reason,
+                remaining_after,
+                refunded_at: now,
+                reply,
+            }),
+        });
+    }
+
+    /// The committed consumption a refund names. A keyed deduction still in flight cannot be
+    /// refunded yet: the caller retries once it has its answer.
+    async fn find_refundable(
+        &mut self,
+        target: &RefundTarget,
+    ) -> Result<StoredConsumption, EngineError> {
+        self.ensure_fresh().await?;
+        let pool = &self.deps.pool;
+        let stored = match target {
+            RefundTarget::IdempotencyKey(key) => {
+                if matches!(self.keys.get(key), Some(KeyState::InFlight { .. })) {
+                    return Err(EngineError::ConsumptionPending);
+                }
+                store::find_consumption_by_key(pool, self.user_id, key).await?
+            }
+            RefundTarget::Id(id) => store::find_consumption(pool, self.user_id, *id).await?,
+        };
+        stored.ok_or(EngineError::ConsumptionNotFound)
+    }
+
+    async fn assign(&mut self, request: AssignRequest) -> Result<AssignAnswer, EngineError> {
+        let now = self.deps.clock.now();
+        let (row, created) = store::insert_grant(
+            &self.deps.pool,
+            self.user_id,
+            &request.grant,
+            request.external_ref.as_deref(),
+            request.note.as_deref(),
+            now,
+        )
+        .await?;
+        if let Some(grant) = row.to_grant().filter(|_| created) {
+            self.grants.push(grant);
+            domain::sort_burn_order(&mut self.grants);
+        }
+        Ok(AssignAnswer {
+            user_package: row,
+            created,
+        })
+    }
+
+    async fn settle(&mut self, settlements: Vec<Settlement>) {
+        for settlement in settlements {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            match settlement {
+                Settlement::Deduct {
+                    idempotency_key,
+                    allocations,
+                    outcome,
+                } => self.settle_deduct(idempotency_key, &allocations, outcome),
+                Settlement::Refund {
+                    consumption_id,
+                    outcome,
+                } => {
+                    let waiters = self
+                        .refunds_in_flight
+                        .remove(&consumption_id)
+                        .unwrap_or_default();
+                    for waiter in waiters {
+                        let _ = waiter.send(match &outcome {
+                            RefundOutcome::Committed(answer) => Ok(RefundAnswer {
+                                replayed: true,
+                                ..answer.clone()
+                            }),
+                            RefundOutcome::Failed => {
+                                Err(EngineError::Unavailable("the refund did not commit; retry"))
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        if self.is_stale() && self.in_flight == 0 {
+            // Reload right away; if the database is still down, the next request retries.
+            let _ = self.ensure_fresh().await;
+        }
+    }
+
+    fn settle_deduct(
+        &mut self,
+        idempotency_key: Option<String>,
+        allocations: &[domain::Allocation],
+        outcome: DeductOutcome,
+    ) {
+        let in_flight = idempotency_key
+            .as_ref()
+            .and_then(|key| match self.keys.remove(key) {
+                Some(KeyState::InFlight {
+                    fingerprint,
+                    waiters,
+                }) => Some((fingerprint, waiters)),
+                _ => None,
+            });
+        match outcome {
+            DeductOutcome::Committed(answer) => {
+                if let (Some(key), Some((fingerprint, waiters))) = (idempotency_key, in_flight) {
+                    for waiter in waiters {
+                        let _ = waiter.send(Ok(answer.replayed()));
+                    }
+                    self.remember(key, fingerprint, answer);
+                }
+            }
+            DeductOutcome::Duplicate {
+                fingerprint,
+                original,
+            } => {
+                // Nothing was written: give back exactly what this wallet had taken.
+                domain::restore(&mut self.grants, allocations);
+                if let (Some(key), Some((sent, waiters))) = (idempotency_key, in_flight) {
+                    for waiter in waiters {
+                        let _ = waiter.send(replay_or_conflict(&fingerprint, &sent, &original));
+                    }
+                    self.remember(key, fingerprint, original);
+                }
+            }
+            DeductOutcome::Failed => {
+                for waiter in in_flight.into_iter().flat_map(|(_, waiters)| waiters) {
+                    let _ = waiter.send(Err(EngineError::Unavailable(
+                        "the deduction did not commit; retry",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// The answer to a repeated key: the original, marked replayed, if the request is the same.
+fn replay_or_conflict(
+    stored_fingerprint: &str,
+    request_fingerprint: &str,
+    original: &DeductAnswer,
+) -> Result<DeductAnswer, EngineError> {
+    if stored_fingerprint == request_fingerprint {
+        Ok(original.replayed())
+    } else {
+        Err(EngineError::IdempotencyConflict)
+    }
+}
+
+/// The answer a committed deduction gave, rebuilt from its stored record.
+pub fn original_answer(stored: &StoredConsumption) -> DeductAnswer {
+    DeductAnswer {
+        consumption_id: stored.id,
+        credits_cost: stored.credits_cost,
+        remaining_credits: stored.remaining_after,
+        allocations: stored
+            .lines
+            .iter()
+            .map(|line| domain::Allocation {
+                user_package_id: line.user_package_id,
+                credits: line.credits,
+            })
+            .collect(),
+        replayed: false,
+    }
+}

@@ -287,8 +287,9 @@ struct AllocationRow {
     forfeited_credits: i64,
 }
 
-const CONSUMPTION_HEAD_COLUMNS: &str = "id, user_id, credits_cost, remaining_after,
-    request_fingerprint, status, refunded_credits, forfeited_credits";
+/// Qualified with `c`, the alias of `consumption_records` wherever these are read.
+const CONSUMPTION_HEAD_COLUMNS: &str = "c.id, c.user_id, c.credits_cost, c.remaining_after,
+    c.request_fingerprint, c.status, c.refunded_credits, c.forfeited_credits";
 
 fn credits(amount: i64) -> Result<Credits, sqlx::Error> {
     Credits::new(amount).ok_or_else(|| sqlx::Error::Protocol(format!("negative credits {amount}")))
@@ -393,7 +394,7 @@ pub async fn find_consumption(
     id: ConsumptionId,
 ) -> Result<Option<StoredConsumption>, sqlx::Error> {
     let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records WHERE user_id = $1 AND id = $2"
+        "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c WHERE c.user_id = $1 AND c.id = $2"
     )))
     .bind(user_id.get())
     .bind(id.get())

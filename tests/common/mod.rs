@@ -1,0 +1,206 @@
+//! A test engine over a fresh database (one per test, from `#[sqlx::test]`), driven through its
+//! router without a socket, with a clock the test moves by hand.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use chrono::{DateTime, TimeZone, Utc};
+use credits_engine::app::App;
+use credits_engine::clock::ManualClock;
+use credits_engine::config::{Secret, Settings};
+use credits_engine::http::auth::mint_token;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tower::ServiceExt;
+
+pub const SERVICE_TOKEN: &str = "test-service-token";
+pub const JWT_SECRET: &str = "test-jwt-secret";
+
+pub fn settings(database_url: &str) -> Settings {
+    let mut settings = Settings::for_database(database_url);
+    settings.listen_addr = "127.0.0.1:0".parse().unwrap();
+    settings.service_tokens = vec![Secret::new(SERVICE_TOKEN)];
+    settings.jwt_secret = Some(Secret::new(JWT_SECRET));
+    settings.db_pool_max = 8;
+    settings
+}
+
+pub fn start_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
+
+pub struct TestEngine {
+    pub app: App,
+    pub router: Router,
+    pub pool: PgPool,
+    pub clock: Arc<ManualClock>,
+}
+
+pub async fn engine(pool: PgPool) -> TestEngine {
+    engine_with_clock(pool, Arc::new(ManualClock::new(start_time()))).await
+}
+
+pub async fn engine_with_clock(pool: PgPool, clock: Arc<ManualClock>) -> TestEngine {
+    let app = App::build_with(pool.clone(), settings("postgres://unused"), clock.clone())
+        .await
+        .expect("engine builds");
+    let router = app.router();
+    TestEngine {
+        app,
+        router,
+        pool,
+        clock,
+    }
+}
+
+impl TestEngine {
+    pub async fn request(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        send(&self.router, path, bearer, body).await
+    }
+
+    /// An internal API call with the service token.
+    pub async fn internal(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.request(path, Some(SERVICE_TOKEN), body).await
+    }
+
+    pub async fn deduct(&self, body: Value) -> (StatusCode, Value) {
+        self.internal("/api/internal/billing/credits/deduct", body)
+            .await
+    }
+
+    pub async fn refund(&self, body: Value) -> (StatusCode, Value) {
+        self.internal("/api/internal/billing/credits/refund", body)
+            .await
+    }
+
+    pub async fn check(&self, body: Value) -> (StatusCode, Value) {
+        self.internal("/api/internal/billing/credits/check", body)
+            .await
+    }
+
+    /// Assigns a package through the admin API and returns the grant's id.
+    pub async fn grant(&self, user_id: i64, package_id: i64, extra: Value) -> i64 {
+        let mut body = json!({"user_id": user_id, "package_id": package_id, "source": "gift"});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        let admin = admin_token();
+        let (status, grant) = self
+            .request("/api/admin/billing/user-packages", Some(&admin), body)
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{grant}");
+        grant["id"].as_i64().unwrap()
+    }
+
+    pub async fn stop(self) {
+        self.app.stop().await;
+    }
+}
+
+pub fn admin_token() -> String {
+    mint_token(
+        &Secret::new(JWT_SECRET),
+        1,
+        Some("admin"),
+        chrono::Duration::hours(1),
+        Utc::now(),
+    )
+    .unwrap()
+}
+
+pub async fn send(
+    router: &Router,
+    path: &str,
+    bearer: Option<&str>,
+    body: Value,
+) -> (StatusCode, Value) {
+    let mut request = Request::post(path).header("content-type", "application/json");
+    if let Some(token) = bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request.body(Body::from(body.to_string())).unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, value)
+}
+
+/// Creates a package straight in the database (before the engine loads its catalog).
+pub async fn create_package(
+    pool: &PgPool,
+    package_type: &str,
+    credits_amount: Option<i64>,
+    duration_days: Option<i32>,
+) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO packages (name, package_type, credits_amount, duration_days)
+         VALUES ($1, $1, $2, $3) RETURNING id",
+    )
+    .bind(package_type)
+    .bind(credits_amount)
+    .bind(duration_days)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Every grant's stored balance agrees with its ledger:
+/// total = remaining + allocated - refunded + expired, and used = allocated - refunded.
+pub async fn assert_ledger_balanced(pool: &PgPool) {
+    let broken: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT g.id, g.total_credits, g.remaining_credits, g.used_credits, g.expired_credits,
+                COALESCE(SUM(a.credits - a.refunded_credits), 0)::bigint AS net
+         FROM user_packages g
+         LEFT JOIN consumption_allocations a ON a.user_id = g.user_id AND a.user_package_id = g.id
+         GROUP BY g.id, g.total_credits, g.remaining_credits, g.used_credits, g.expired_credits, g.unlimited
+         HAVING g.used_credits <> COALESCE(SUM(a.credits - a.refunded_credits), 0)
+             OR (NOT g.unlimited AND g.total_credits <> g.remaining_credits
+                 + COALESCE(SUM(a.credits - a.refunded_credits), 0) + g.expired_credits)",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(
+        broken.is_empty(),
+        "grants out of balance (id, total, remaining, used, expired, net allocated): {broken:?}"
+    );
+    // Every consumption's allocations add up to its cost.
+    let uneven: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT c.id, c.credits_cost, COALESCE(SUM(a.credits), 0)::bigint
+         FROM consumption_records c
+         LEFT JOIN consumption_allocations a ON a.user_id = c.user_id AND a.consumption_id = c.id
+         GROUP BY c.id, c.credits_cost
+         HAVING c.credits_cost <> COALESCE(SUM(a.credits), 0)",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(
+        uneven.is_empty(),
+        "consumptions whose allocations miss their cost: {uneven:?}"
+    );
+}
+
+pub async fn remaining_of(pool: &PgPool, user_id: i64) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(SUM(remaining_credits), 0)::bigint FROM user_packages WHERE user_id = $1",
+    )
+    .bind(user_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}

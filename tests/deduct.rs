@@ -1,0 +1,328 @@
+//! The deduct path against a real PostgreSQL: concurrency, burn-down, idempotency, failed
+//! batches.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use chrono::Duration;
+use common::*;
+use serde_json::json;
+use sqlx::PgPool;
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn concurrent_deducts_for_one_user_never_overdraw(pool: PgPool) {
+    let credits = create_package(&pool, "credits", Some(50), None).await;
+    let hybrid = create_package(&pool, "hybrid", Some(50), Some(30)).await;
+    let engine = Arc::new(engine(pool.clone()).await);
+    let now = start_time();
+    // Burn order: the priority-10 grant first, then the one expiring sooner, then the later one.
+    let later = engine
+        .grant(7, hybrid, json!({"expires_at": now + Duration::days(20)}))
+        .await;
+    let first = engine.grant(7, credits, json!({"priority": 10})).await;
+    let sooner = engine
+        .grant(7, hybrid, json!({"expires_at": now + Duration::days(10)}))
+        .await;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let engine = engine.clone();
+        tasks.spawn(async move {
+            engine
+                .deduct(json!({"user_id": 7, "action_key": "ai_chat"}))
+                .await
+        });
+    }
+    let mut statuses: HashMap<StatusCode, usize> = HashMap::new();
+    while let Some(result) = tasks.join_next().await {
+        let (status, body) = result.unwrap();
+        if status == StatusCode::PAYMENT_REQUIRED {
+            assert_eq!(body["error"]["code"], "insufficient_credits");
+            assert_eq!(body["error"]["remaining_credits"], 0);
+            assert_eq!(body["error"]["credits_cost"], 1);
+        }
+        *statuses.entry(status).or_default() += 1;
+    }
+    assert_eq!(statuses.get(&StatusCode::OK), Some(&150), "{statuses:?}");
+    assert_eq!(
+        statuses.get(&StatusCode::PAYMENT_REQUIRED),
+        Some(&50),
+        "{statuses:?}"
+    );
+
+    // In commit order, the first 50 deductions drew on `first`, the next 50 on `sooner`, the
+    // last 50 on `later`.
+    let order: Vec<i64> = sqlx::query_scalar(
+        "SELECT a.user_package_id FROM consumption_allocations a WHERE a.user_id = 7
+         ORDER BY a.consumption_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let expected: Vec<i64> = [first, sooner, later]
+        .iter()
+        .flat_map(|id| std::iter::repeat_n(*id, 50))
+        .collect();
+    assert_eq!(order, expected);
+    let statuses: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM user_packages WHERE user_id = 7")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        statuses.iter().all(|status| status == "depleted"),
+        "{statuses:?}"
+    );
+    assert_eq!(remaining_of(&pool, 7).await, 0);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM billing_events WHERE kind = 'billing_credits_deduct'"
+        )
+        .await,
+        150
+    );
+    assert_ledger_balanced(&pool).await;
+    Arc::into_inner(engine).unwrap().stop().await;
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn concurrent_deducts_across_a_thousand_users_match_the_database(pool: PgPool) {
+    const USERS: i64 = 1_000;
+    let package = create_package(&pool, "credits", Some(10), None).await;
+    // Grants straight in the database: wallets load them on each user's first request.
+    sqlx::query(
+        "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
+             total_credits, remaining_credits, activated_at)
+         SELECT u, $1, 'gift', 'active', 100, false, 10, 10, now() FROM generate_series(1, $2) u",
+    )
+    .bind(package)
+    .bind(USERS)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let engine = Arc::new(engine(pool.clone()).await);
+
+    // User u asks for u % 13 deductions of 1 credit: some run out (10 credits), some do not.
+    let limit = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for user in 1..=USERS {
+        for _ in 0..(user % 13) {
+            let engine = engine.clone();
+            let limit = limit.clone();
+            tasks.spawn(async move {
+                let _permit = limit.acquire().await.unwrap();
+                let (status, _) = engine
+                    .deduct(json!({"user_id": user, "action_key": "ai_chat"}))
+                    .await;
+                (user, status)
+            });
+        }
+    }
+    let mut acknowledged: HashMap<i64, i64> = HashMap::new();
+    while let Some(result) = tasks.join_next().await {
+        let (user, status) = result.unwrap();
+        match status {
+            StatusCode::OK => *acknowledged.entry(user).or_default() += 1,
+            StatusCode::PAYMENT_REQUIRED => {}
+            other => panic!("unexpected status {other} for user {user}"),
+        }
+    }
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT g.user_id, g.remaining_credits,
+                (SELECT COALESCE(SUM(a.credits), 0)::bigint FROM consumption_allocations a
+                 WHERE a.user_id = g.user_id)
+         FROM user_packages g ORDER BY g.user_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len() as i64, USERS);
+    for (user, remaining, allocated) in rows {
+        let acked = acknowledged.get(&user).copied().unwrap_or(0);
+        assert_eq!(acked, (user % 13).min(10), "user {user}");
+        assert_eq!(remaining, 10 - acked, "user {user}");
+        assert_eq!(allocated, acked, "user {user}");
+    }
+    assert_ledger_balanced(&pool).await;
+    Arc::into_inner(engine).unwrap().stop().await;
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(pool: PgPool) {
+    let package = create_package(&pool, "credits", Some(100), None).await;
+    let engine = Arc::new(engine(pool.clone()).await);
+    engine.grant(5, package, json!({})).await;
+    let request = json!({
+        "user_id": 5, "action_key": "advanced_analysis", "quantity": 2,
+        "idempotency_key": "job-42", "metadata": {"b": 1, "a": [1, 2]},
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let engine = engine.clone();
+        let request = request.clone();
+        tasks.spawn(async move { engine.deduct(request).await });
+    }
+    let mut answers = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        let (status, body) = result.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        answers.push(body);
+    }
+    let originals: Vec<_> = answers.iter().filter(|a| a["replayed"] == false).collect();
+    assert_eq!(originals.len(), 1);
+    let original = originals[0];
+    assert_eq!(original["credits_cost"], 6);
+    assert_eq!(original["remaining_credits"], 94);
+    for answer in &answers {
+        assert_eq!(answer["consumption_id"], original["consumption_id"]);
+        assert_eq!(answer["remaining_credits"], 94);
+        assert_eq!(answer["allocations"], original["allocations"]);
+    }
+    assert_eq!(remaining_of(&pool, 5).await, 94);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM consumption_records").await,
+        1
+    );
+
+    // The same key with another request is a conflict; metadata key order does not matter.
+    let (status, body) = engine
+        .deduct(json!({"user_id": 5, "action_key": "advanced_analysis", "quantity": 3, "idempotency_key": "job-42"}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "idempotency_conflict");
+    let (status, body) = engine
+        .deduct(json!({
+            "user_id": 5, "action_key": "advanced_analysis", "quantity": 2,
+            "idempotency_key": "job-42", "metadata": {"a": [1, 2], "b": 1},
+        }))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["replayed"], true);
+    // Another user may use the same key.
+    let (status, _) = engine
+        .deduct(json!({"user_id": 6, "action_key": "ai_chat", "idempotency_key": "job-42"}))
+        .await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
+    Arc::into_inner(engine).unwrap().stop().await;
+
+    // After a restart the key is answered from the database: by the optimistic insert while
+    // the user can pay, and by a look-up when the balance could not pay any more.
+    let engine = engine_restarted(pool.clone()).await;
+    let (status, body) = engine.deduct(request.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["replayed"], true);
+    assert_eq!(body["consumption_id"], original["consumption_id"]);
+    assert_eq!(body["remaining_credits"], 94);
+    assert_eq!(remaining_of(&pool, 5).await, 94);
+    let (status, _) = engine
+        .deduct(json!({"user_id": 5, "action_key": "advanced_analysis", "quantity": 2, "idempotency_key": "job-42"}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // Memory gave back what the replays had taken: a check still sees 94.
+    let (_, check) = engine
+        .check(json!({"user_id": 5, "action_key": "ai_chat"}))
+        .await;
+    assert_eq!(check["remaining_credits"], 94);
+    engine.stop().await;
+
+    let engine = engine_restarted(pool.clone()).await;
+    sqlx::query(
+        "UPDATE user_packages SET remaining_credits = 0, expired_credits = 94 WHERE user_id = 5",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (status, body) = engine.deduct(request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["replayed"], true);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM consumption_records WHERE user_id = 5"
+        )
+        .await,
+        1
+    );
+    engine.stop().await;
+}
+
+async fn engine_restarted(pool: PgPool) -> TestEngine {
+    engine(pool).await
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn a_failed_batch_acknowledges_nothing_and_the_wallet_reloads(pool: PgPool) {
+    let package = create_package(&pool, "credits", Some(10), None).await;
+    let engine = engine(pool.clone()).await;
+    engine.grant(3, package, json!({})).await;
+    let (status, _) = engine
+        .deduct(json!({"user_id": 3, "action_key": "ai_chat"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Someone voids the grant behind the wallet's back: memory says 9, the database 0.
+    sqlx::query(
+        "UPDATE user_packages SET remaining_credits = 0, expired_credits = 9 WHERE user_id = 3",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (status, body) = engine
+        .deduct(json!({"user_id": 3, "action_key": "advanced_analysis"}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+
+    // The wallet reloaded: it now sees what the database holds.
+    let (status, body) = engine
+        .deduct(json!({"user_id": 3, "action_key": "ai_chat"}))
+        .await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    assert_eq!(body["error"]["remaining_credits"], 0);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM consumption_records").await,
+        1
+    );
+    assert_ledger_balanced(&pool).await;
+    engine.stop().await;
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn check_reports_without_deducting_and_unlimited_grants_pay_anything(pool: PgPool) {
+    let permanent = create_package(&pool, "permanent", None, None).await;
+    let credits = create_package(&pool, "credits", Some(2), None).await;
+    let engine = engine(pool.clone()).await;
+    engine.grant(9, credits, json!({"priority": 1})).await;
+    let (status, body) = engine
+        .check(json!({"user_id": 9, "action_key": "advanced_analysis"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"sufficient": false, "credits_cost": 3, "remaining_credits": 2, "unlimited": false})
+    );
+
+    let unlimited = engine.grant(9, permanent, json!({})).await;
+    let (_, body) = engine
+        .deduct(json!({"user_id": 9, "action_key": "advanced_analysis", "quantity": 1000}))
+        .await;
+    assert_eq!(body["credits_cost"], 3000);
+    assert_eq!(body["remaining_credits"], 0);
+    assert_eq!(
+        body["allocations"][1],
+        json!({"user_package_id": unlimited, "credits": 2998})
+    );
+    let used: i64 = sqlx::query_scalar("SELECT used_credits FROM user_packages WHERE id = $1")
+        .bind(unlimited)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(used, 2998);
+    assert_ledger_balanced(&pool).await;
+    engine.stop().await;
+}

@@ -15,7 +15,10 @@ use serde_json::json;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let addr = args.get(1).cloned().unwrap_or_else(|| "127.0.0.1:8080".into());
+    let addr = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
     let users: i64 = args.get(2).map_or(Ok(10_000), |a| a.parse())?;
     let concurrency: usize = args.get(3).map_or(Ok(64), |a| a.parse())?;
     let seconds: u64 = args.get(4).map_or(Ok(10), |a| a.parse())?;
@@ -88,7 +91,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     latencies_us.sort_unstable();
     let percentile = |p: f64| {
         latencies_us
-            .get(((latencies_us.len() as f64 * p) as usize).min(latencies_us.len().saturating_sub(1)))
+            .get(
+                ((latencies_us.len() as f64 * p) as usize)
+                    .min(latencies_us.len().saturating_sub(1)),
+            )
             .map_or(0.0, |us| *us as f64 / 1000.0)
     };
     println!(

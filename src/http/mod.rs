@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .merge(internal)
         .merge(admin)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::BODY_BYTES_MAX))
         .with_state(state)
 }
@@ -78,6 +79,14 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
             "the database does not answer",
         )),
     }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
 }
 
 async fn not_found() -> ApiError {

@@ -13,8 +13,6 @@ pub enum EngineError {
     IdempotencyConflict,
     #[error("the consumption was not found")]
     ConsumptionNotFound,
-    #[error("the deduction with this idempotency key is still being committed; retry shortly")]
-    ConsumptionPending,
     #[error("the package was not found")]
     PackageNotFound,
     /// A queue or mailbox is full: the caller may retry after a pause.

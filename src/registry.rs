@@ -108,8 +108,15 @@ impl Registry {
                 self.wallets.entry(user_id).or_default().clone()
             }
         };
-        let handle = cell.get_or_try_init(|| self.spawn(user_id)).await?.clone();
-        Ok(handle)
+        match cell.get_or_try_init(|| self.spawn(user_id)).await {
+            Ok(handle) => Ok(handle.clone()),
+            Err(error) => {
+                // Leave no empty cell behind to count against `wallets_max`.
+                self.wallets
+                    .remove_if(&user_id, |_, cell| cell.get().is_none());
+                Err(error)
+            }
+        }
     }
 
     async fn spawn(&self, user_id: UserId) -> Result<WalletHandle, EngineError> {

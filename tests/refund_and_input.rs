@@ -107,6 +107,43 @@ async fn refund_restores_grants_forfeits_expired_shares_and_replays(pool: PgPool
 }
 
 #[sqlx::test(migrations = "./migrations/postgres")]
+async fn a_refund_by_key_sent_with_its_deduct_waits_for_the_commit(pool: PgPool) {
+    let credits = create_package(&pool, "credits", Some(50), None).await;
+    let engine = engine(pool.clone()).await;
+    engine.grant(6, credits, json!({})).await;
+
+    // Deduct and refund race: the refund arrives while the deduct may still be in flight.
+    for round in 0..20 {
+        let key = format!("job-{round}");
+        let (deducted, refunded) = tokio::join!(
+            engine.deduct(json!({"user_id": 6, "action_key": "ai_chat", "idempotency_key": key})),
+            async {
+                tokio::task::yield_now().await;
+                engine
+                    .refund(json!({"user_id": 6, "idempotency_key": key}))
+                    .await
+            }
+        );
+        assert_eq!(deducted.0, StatusCode::OK, "{}", deducted.1);
+        // Either the refund came first (nothing to refund yet) or it saw the committed deduct;
+        // never a "pending" error the caller has to interpret.
+        match refunded.0 {
+            StatusCode::OK => assert_eq!(refunded.1["refunded_credits"], 1),
+            StatusCode::NOT_FOUND => {
+                assert_eq!(refunded.1["error"]["code"], "consumption_not_found");
+                let (status, again) = engine
+                    .refund(json!({"user_id": 6, "idempotency_key": key}))
+                    .await;
+                assert_eq!(status, StatusCode::OK, "{again}");
+            }
+            other => panic!("refund answered {other}: {}", refunded.1),
+        }
+    }
+    assert_eq!(remaining_of(&pool, 6).await, 50);
+    assert_ledger_balanced(&pool).await;
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
 async fn a_refund_of_a_depleted_grant_makes_it_active_again(pool: PgPool) {
     let credits = create_package(&pool, "credits", Some(3), None).await;
     let engine = engine(pool.clone()).await;
@@ -277,6 +314,20 @@ async fn bad_input_is_a_4xx_naming_the_field_and_writes_nothing(pool: PgPool) {
         (
             deduct,
             json!({"user_id": 1, "action_key": "ai_chat", "metadata": big_metadata}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("metadata"),
+        ),
+        (
+            deduct,
+            json!({"user_id": 1, "action_key": "ai_chat", "metadata": {"note": "a\0b"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("metadata"),
+        ),
+        (
+            deduct,
+            json!({"user_id": 1, "action_key": "ai_chat", "metadata": {"nested": [{"k\0": 1}]}}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_field",
             Some("metadata"),

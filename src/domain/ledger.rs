@@ -77,6 +77,10 @@ pub fn plan_deduction(
             break;
         }
         let take = match grant.balance {
+            // An unlimited grant whose usage counter cannot record more pays nothing (never
+            // reached with bounded prices, but it keeps `apply_deduction` total). A limited grant cannot
+            // overflow: used + remaining = total.
+            Balance::Unlimited { used } if used.checked_add(owed).is_none() => Credits::ZERO,
             Balance::Unlimited { .. } => owed,
             Balance::Limited { remaining, .. } => remaining.min(owed),
         };

@@ -70,10 +70,6 @@ impl From<EngineError> for ApiError {
             EngineError::ConsumptionNotFound => {
                 ApiError::not_found("consumption_not_found", message)
             }
-            EngineError::ConsumptionPending => {
-                ApiError::new(StatusCode::CONFLICT, "consumption_pending", message)
-                    .with("retryable", true)
-            }
             EngineError::PackageNotFound => ApiError::not_found("package_not_found", message),
             EngineError::Overloaded(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)

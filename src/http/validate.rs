@@ -76,9 +76,28 @@ pub fn metadata(value: Option<Value>) -> Result<Option<Value>, ApiError> {
                     format!("must be at most {METADATA_BYTES_MAX} bytes of JSON"),
                 ));
             }
+            if contains_nul(&value) {
+                // PostgreSQL's jsonb cannot store U+0000; refusing it here keeps it out of a batch.
+                return Err(ApiError::invalid_field(
+                    "metadata",
+                    "must not contain NUL (\\u0000) characters",
+                ));
+            }
             Ok(Some(value))
         }
         Some(_) => Err(ApiError::invalid_field("metadata", "must be a JSON object")),
+    }
+}
+
+/// True when any key or string inside `value` holds U+0000.
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || contains_nul(value)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 

@@ -207,7 +207,7 @@ async fn process(pool: &PgPool, ids: &mut IdBlock, batch: Vec<Envelope>) {
         .partition(|envelope| envelope.origin.is_current());
     let mut reports = Reports::default();
     for envelope in stale {
-        fail(envelope, &mut reports);
+        fail(envelope, STALE_MESSAGE, &mut reports);
     }
     if !live.is_empty() {
         match commit(pool, ids, &live).await {
@@ -222,7 +222,7 @@ async fn process(pool: &PgPool, ids: &mut IdBlock, batch: Vec<Envelope>) {
                     envelope.origin.invalidate();
                 }
                 for envelope in live {
-                    fail(envelope, &mut reports);
+                    fail(envelope, error.caller_message(), &mut reports);
                 }
             }
         }
@@ -254,8 +254,11 @@ impl Reports {
     }
 }
 
-fn fail(envelope: Envelope, reports: &mut Reports) {
-    let unavailable = || EngineError::Unavailable("the write did not commit; nothing was charged");
+/// Said to the caller of an effect that was computed on memory a failed batch invalidated.
+const STALE_MESSAGE: &str = "the write did not commit; nothing was charged";
+
+fn fail(envelope: Envelope, message: &'static str, reports: &mut Reports) {
+    let unavailable = || EngineError::Unavailable(message);
     match envelope.effect {
         Effect::Deduct(effect) => {
             let _ = effect.reply.send(Err(unavailable()));
@@ -391,7 +394,7 @@ async fn commit(
     pool: &PgPool,
     ids: &mut IdBlock,
     batch: &[Envelope],
-) -> Result<Vec<Applied>, sqlx::Error> {
+) -> Result<Vec<Applied>, CommitError> {
     let deducts: Vec<&DeductEffect> = batch
         .iter()
         .filter_map(|envelope| match &envelope.effect {
@@ -488,7 +491,7 @@ async fn commit(
         match &envelope.effect {
             Effect::Deduct(_) => {
                 let Some((effect, &id)) = deduct_answers.next() else {
-                    return Err(protocol("deduct effects out of step"));
+                    return Err(protocol("deduct effects out of step").into());
                 };
                 if inserted.contains(&id) {
                     for allocation in &effect.allocations {
@@ -589,13 +592,36 @@ async fn commit(
         .await?
         .rows_affected();
         if updated != user_ids.len() as u64 {
-            return Err(protocol("a grant named by an allocation does not exist"));
+            return Err(protocol("a grant named by an allocation does not exist").into());
         }
     }
 
     events.insert(&mut tx).await?;
-    tx.commit().await?;
+    tx.commit().await.map_err(CommitError::Unknown)?;
     Ok(applied)
+}
+
+/// Why a batch did not (or may not have) committed.
+#[derive(Debug, thiserror::Error)]
+enum CommitError {
+    /// A statement failed: the transaction rolled back and nothing in the batch was written.
+    #[error("batch rolled back: {0}")]
+    RolledBack(#[from] sqlx::Error),
+    /// The `COMMIT` itself failed (for example the connection dropped): the batch may or may
+    /// not be in the database. Wallets reload either way; a keyed retry is answered exactly.
+    #[error("batch commit outcome unknown: {0}")]
+    Unknown(sqlx::Error),
+}
+
+impl CommitError {
+    fn caller_message(&self) -> &'static str {
+        match self {
+            CommitError::RolledBack(_) => "the write did not commit; nothing was charged",
+            CommitError::Unknown(_) => {
+                "the write's outcome is unknown; retry with the same idempotency_key"
+            }
+        }
+    }
 }
 
 /// Marks the consumptions refunded and records, per allocation, what came back and what was

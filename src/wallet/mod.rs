@@ -76,6 +76,8 @@ pub struct WalletState {
     done_keys: VecDeque<String>,
     /// Refunds handed to the writer; concurrent refunds of the same consumption wait here.
     refunds_in_flight: HashMap<ConsumptionId, Vec<Reply<RefundAnswer>>>,
+    /// Refunds by idempotency key whose deduction is still in flight; re-sent once it settles.
+    refunds_awaiting_key: HashMap<String, Vec<(RefundRequest, Reply<RefundAnswer>)>>,
     /// Effects handed to the writer and not yet settled.
     in_flight: usize,
     /// The epoch this memory was loaded under; effects carry it.
@@ -103,6 +105,7 @@ impl Actor for Wallet {
             keys: HashMap::new(),
             done_keys: VecDeque::new(),
             refunds_in_flight: HashMap::new(),
+            refunds_awaiting_key: HashMap::new(),
             in_flight: 0,
             epoch: 0,
             epoch_cell: Arc::new(AtomicU64::new(0)),
@@ -131,7 +134,7 @@ impl Actor for Wallet {
             WalletMsg::Assign { request, reply } => {
                 let _ = reply.send(state.assign(request).await);
             }
-            WalletMsg::Settled(settlements) => state.settle(settlements).await,
+            WalletMsg::Settled(settlements) => state.settle(&myself, settlements).await,
         }
         Ok(())
     }
@@ -342,6 +345,16 @@ impl WalletState {
         request: RefundRequest,
         reply: Reply<RefundAnswer>,
     ) {
+        // A refund of a keyed deduction still being committed waits for its outcome.
+        if let RefundTarget::IdempotencyKey(key) = &request.target
+            && matches!(self.keys.get(key), Some(KeyState::InFlight { .. }))
+        {
+            self.refunds_awaiting_key
+                .entry(key.clone())
+                .or_default()
+                .push((request, reply));
+            return;
+        }
         let stored = match self.find_refundable(&request.target).await {
             Ok(stored) => stored,
             Err(error) => {
@@ -392,8 +405,7 @@ impl WalletState {
         });
     }
 
-    /// The committed consumption a refund names. A keyed deduction still in flight cannot be
-    /// refunded yet: the caller retries once it has its answer.
+    /// The committed consumption a refund names.
     async fn find_refundable(
         &mut self,
         target: &RefundTarget,
@@ -402,9 +414,6 @@ impl WalletState {
         let pool = &self.deps.pool;
         let stored = match target {
             RefundTarget::IdempotencyKey(key) => {
-                if matches!(self.keys.get(key), Some(KeyState::InFlight { .. })) {
-                    return Err(EngineError::ConsumptionPending);
-                }
                 store::find_consumption_by_key(pool, self.user_id, key).await?
             }
             RefundTarget::Id(id) => store::find_consumption(pool, self.user_id, *id).await?,
@@ -433,7 +442,7 @@ impl WalletState {
         })
     }
 
-    async fn settle(&mut self, settlements: Vec<Settlement>) {
+    async fn settle(&mut self, myself: &ActorRef<WalletMsg>, settlements: Vec<Settlement>) {
         for settlement in settlements {
             self.in_flight = self.in_flight.saturating_sub(1);
             match settlement {
@@ -441,7 +450,12 @@ impl WalletState {
                     idempotency_key,
                     allocations,
                     outcome,
-                } => self.settle_deduct(idempotency_key, &allocations, outcome),
+                } => {
+                    if let Some(key) = &idempotency_key {
+                        self.resend_refunds_awaiting(myself, key);
+                    }
+                    self.settle_deduct(idempotency_key, &allocations, outcome);
+                }
                 Settlement::Refund {
                     consumption_id,
                     outcome,
@@ -467,6 +481,20 @@ impl WalletState {
         if self.is_stale() && self.in_flight == 0 {
             // Reload right away; if the database is still down, the next request retries.
             let _ = self.ensure_fresh().await;
+        }
+    }
+
+    /// Puts refunds that waited on a keyed deduction back in the mailbox, behind this settlement,
+    /// so they see its outcome.
+    fn resend_refunds_awaiting(&mut self, myself: &ActorRef<WalletMsg>, key: &str) {
+        for (request, reply) in self.refunds_awaiting_key.remove(key).unwrap_or_default() {
+            self.mailbox_depth.fetch_add(1, Ordering::AcqRel);
+            if let Err(error) = myself.send_message(WalletMsg::Refund { request, reply }) {
+                self.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+                if let ractor::MessagingErr::SendErr(WalletMsg::Refund { reply, .. }) = error {
+                    let _ = reply.send(Err(EngineError::Unavailable("the wallet stopped; retry")));
+                }
+            }
         }
     }
 

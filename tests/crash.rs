@@ -34,9 +34,22 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_engine(database_url: &str, port: u16, log_name: &str) -> Child {
+/// The engine as a child process; killed if the test ends (or fails) while it still runs, so a
+/// failed run never leaves an engine holding the test's database.
+struct EngineProcess(Child);
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn start_engine(database_url: &str, port: u16, log_name: &str) -> EngineProcess {
     let log = std::fs::File::create(std::env::temp_dir().join(log_name)).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_credits-engine"))
+    let child = Command::new(env!("CARGO_BIN_EXE_credits-engine"))
         .arg("serve")
         .env("DATABASE_URL", database_url)
         .env("CREDITS_LISTEN_ADDR", format!("127.0.0.1:{port}"))
@@ -46,7 +59,8 @@ fn start_engine(database_url: &str, port: u16, log_name: &str) -> Child {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .expect("the engine binary starts")
+        .expect("the engine binary starts");
+    EngineProcess(child)
 }
 
 async fn wait_ready(client: &reqwest::Client, port: u16) {
@@ -134,8 +148,8 @@ async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(poo
         });
     }
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    engine.kill().expect("SIGKILL the engine");
-    engine.wait().unwrap();
+    engine.0.kill().expect("SIGKILL the engine");
+    engine.0.wait().unwrap();
     while let Some(result) = callers.join_next().await {
         result.unwrap();
     }
@@ -205,10 +219,20 @@ async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(poo
 
     // SIGTERM drains and exits cleanly.
     let terminated = Command::new("kill")
-        .args(["-TERM", &engine.id().to_string()])
+        .args(["-TERM", &engine.0.id().to_string()])
         .status()
         .unwrap();
     assert!(terminated.success());
-    let exit = engine.wait().unwrap();
+    let exit = engine.0.wait().unwrap();
     assert!(exit.success(), "the engine exited with {exit:?} on SIGTERM");
+
+    // Backends of the killed engine linger until PostgreSQL notices their dead sockets; end them
+    // so the test harness can drop this test's database.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
 }

@@ -112,6 +112,17 @@ pub async fn require_service(
     Ok(next.run(request).await)
 }
 
+/// The user API: any valid JWT; the handler serves only the token's own user.
+pub async fn require_user(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let principal = state.auth.verify_jwt(bearer(&request)?)?;
+    request.extensions_mut().insert(principal);
+    Ok(next.run(request).await)
+}
+
 /// The admin API: a valid JWT with `role: "admin"`.
 pub async fn require_admin(
     State(state): State<AppState>,

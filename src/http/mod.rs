@@ -6,6 +6,8 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 mod internal;
+pub mod query;
+mod reports;
 pub mod validate;
 
 use std::sync::Arc;
@@ -52,12 +54,17 @@ pub fn router(state: AppState) -> Router {
             "/api/admin/billing/user-packages",
             post(admin::assign_user_package),
         )
+        .merge(reports::admin_routes())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
+    let user = Router::new()
+        .merge(reports::user_routes())
+        .route_layer(from_fn_with_state(state.clone(), auth::require_user));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(internal)
         .merge(admin)
+        .merge(user)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::BODY_BYTES_MAX))

@@ -117,6 +117,90 @@ pub fn admin_token() -> String {
     .unwrap()
 }
 
+/// A token of an ordinary user.
+pub fn user_token(user_id: i64) -> String {
+    mint_token(
+        &Secret::new(JWT_SECRET),
+        user_id,
+        None,
+        chrono::Duration::hours(1),
+        Utc::now(),
+    )
+    .unwrap()
+}
+
+/// What a call answered: status, headers and the raw body.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).expect("the body is UTF-8")
+    }
+}
+
+/// Any method on any path; `body` is sent as JSON when given.
+pub async fn call(
+    router: &Router,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> Answer {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(token) = bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = match body {
+        Some(body) => request
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string())),
+        None => request.body(Body::empty()),
+    }
+    .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+impl TestEngine {
+    /// A GET with a token; answers status and JSON.
+    pub async fn get(&self, path: &str, bearer: Option<&str>) -> (StatusCode, Value) {
+        let answer = call(&self.router, "GET", path, bearer, None).await;
+        (answer.status, answer.json())
+    }
+
+    /// Any method as the admin.
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let answer = call(&self.router, method, path, Some(&admin_token()), body).await;
+        (answer.status, answer.json())
+    }
+}
+
 pub async fn send(
     router: &Router,
     path: &str,

@@ -1,6 +1,7 @@
 //! Every SQL statement of the engine lives here. `writer` is the batch writer of the deduct path;
 //! this module holds the reads and the rare writes (admin assign) that wallets perform directly.
 
+pub mod reports;
 pub mod writer;
 
 use chrono::{DateTime, Utc};

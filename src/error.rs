@@ -15,6 +15,17 @@ pub enum EngineError {
     ConsumptionNotFound,
     #[error("the package was not found")]
     PackageNotFound,
+    #[error("the user package was not found")]
+    GrantNotFound,
+    /// The grant is in a status that does not allow the change (for example activating an
+    /// active grant, or revoking an expired one).
+    #[error("the user package is {status}; it cannot be {change}")]
+    GrantStatusConflict {
+        status: String,
+        change: &'static str,
+    },
+    #[error("the user package's fixed expiry has already passed; it cannot be activated")]
+    GrantExpiryPassed,
     /// A queue or mailbox is full: the caller may retry after a pause.
     #[error("the engine is overloaded: {0}")]
     Overloaded(&'static str),

@@ -25,6 +25,7 @@ pub struct Package {
     pub package_type: PackageType,
     pub credits_amount: Option<Credits>,
     pub duration_days: Option<i32>,
+    pub name: String,
     pub priority: i32,
     pub deleted: bool,
     pub assign_to_new_users: bool,
@@ -34,14 +35,17 @@ pub struct Package {
 pub struct Snapshot {
     prices: HashMap<String, Price>,
     packages: HashMap<PackageId, Package>,
+    /// The rows themselves, for the public lists (which never query the database).
+    price_rows: Vec<ActionPriceRow>,
+    package_rows: Vec<PackageRow>,
 }
 
 impl Snapshot {
     pub fn from_rows(
-        prices: &[ActionPriceRow],
-        packages: &[PackageRow],
+        prices_in: &[ActionPriceRow],
+        packages_in: &[PackageRow],
     ) -> Result<Snapshot, sqlx::Error> {
-        let prices = prices
+        let prices = prices_in
             .iter()
             .map(|row| {
                 let credits_cost = Credits::new(row.credits_cost).ok_or_else(|| {
@@ -55,7 +59,7 @@ impl Snapshot {
                 Ok((row.action_key.clone(), price))
             })
             .collect::<Result<_, sqlx::Error>>()?;
-        let packages = packages
+        let packages = packages_in
             .iter()
             .map(|row| {
                 let package = Package {
@@ -63,6 +67,7 @@ impl Snapshot {
                     package_type: store::parse_package_type(&row.package_type)?,
                     credits_amount: row.credits_amount.and_then(Credits::new),
                     duration_days: row.duration_days,
+                    name: row.name.clone(),
                     priority: row.priority,
                     deleted: row.deleted_at.is_some(),
                     assign_to_new_users: row.assign_to_new_users,
@@ -70,7 +75,35 @@ impl Snapshot {
                 Ok((package.id, package))
             })
             .collect::<Result<_, sqlx::Error>>()?;
-        Ok(Snapshot { prices, packages })
+        Ok(Snapshot {
+            prices,
+            packages,
+            price_rows: prices_rows_sorted(prices_in),
+            package_rows: packages_in.to_vec(),
+        })
+    }
+
+    /// Enabled action prices, by key.
+    pub fn enabled_prices(&self) -> impl Iterator<Item = &ActionPriceRow> {
+        self.price_rows.iter().filter(|row| row.enabled)
+    }
+
+    /// Packages visible to customers (visible and not deleted), in `sort_order`.
+    pub fn visible_packages(&self) -> impl Iterator<Item = &PackageRow> {
+        self.package_rows
+            .iter()
+            .filter(|row| row.visible && row.deleted_at.is_none())
+    }
+
+    /// Packages assigned to every new user (not deleted).
+    pub fn new_user_packages(&self) -> impl Iterator<Item = &Package> {
+        let mut packages: Vec<&Package> = self
+            .packages
+            .values()
+            .filter(|package| package.assign_to_new_users && !package.deleted)
+            .collect();
+        packages.sort_by_key(|package| package.id);
+        packages.into_iter()
     }
 
     pub fn price(&self, action_key: &str) -> Option<&Price> {
@@ -82,10 +115,19 @@ impl Snapshot {
     }
 }
 
+fn prices_rows_sorted(rows: &[ActionPriceRow]) -> Vec<ActionPriceRow> {
+    let mut rows = rows.to_vec();
+    rows.sort_by(|a, b| a.action_key.cmp(&b.action_key));
+    rows
+}
+
 /// The current snapshot, swapped whole on every reload.
 #[derive(Debug, Default)]
 pub struct Catalog {
     current: RwLock<Arc<Snapshot>>,
+    /// Admin writes take this around "commit, then reload", so two writes cannot swap in their
+    /// snapshots out of order (an older snapshot replacing a newer one).
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl Catalog {
@@ -105,6 +147,11 @@ impl Catalog {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot;
         Ok(())
+    }
+
+    /// Held by an admin write from before its commit until its reload.
+    pub async fn lock_writes(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.writes.lock().await
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {

@@ -171,6 +171,76 @@ impl Grant {
     }
 }
 
+/// Why a grant cannot make the change an operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantChangeError {
+    /// Only a pending grant can be activated; the grant is in this status.
+    NotPending(GrantStatus),
+    /// Its fixed expiry (an operator's override) has already passed.
+    ExpiryPassed,
+}
+
+/// When an activated grant starts and ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Activation {
+    pub activated_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Grant {
+    /// Activates a pending grant at `now`: it expires `duration_days` later unless an expiry was
+    /// fixed when it was assigned.
+    pub fn activate(
+        &mut self,
+        now: DateTime<Utc>,
+        duration_days: Option<i32>,
+    ) -> Result<Activation, GrantChangeError> {
+        if self.status != GrantStatus::Pending {
+            return Err(GrantChangeError::NotPending(self.status));
+        }
+        let expires_at = match (self.expires_at, duration_days) {
+            (Some(at), _) => Some(at),
+            (None, Some(days)) => Some(now + Duration::days(i64::from(days))),
+            (None, None) => None,
+        };
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(GrantChangeError::ExpiryPassed);
+        }
+        self.status = if self.is_unlimited() || !self.remaining().is_zero() {
+            GrantStatus::Active
+        } else {
+            GrantStatus::Depleted
+        };
+        self.expires_at = expires_at;
+        Ok(Activation {
+            activated_at: now,
+            expires_at,
+        })
+    }
+
+    /// Ends the grant (`Expired` or `Revoked`): whatever remains is void, recorded as expired
+    /// credits, never silently dropped. Returns the voided credits.
+    pub fn end(&mut self, status: GrantStatus) -> Credits {
+        debug_assert!(matches!(
+            status,
+            GrantStatus::Expired | GrantStatus::Revoked
+        ));
+        self.status = status;
+        match &mut self.balance {
+            Balance::Limited {
+                remaining, expired, ..
+            } => {
+                let voided = *remaining;
+                *remaining = Credits::ZERO;
+                // total = used + remaining + expired: moving remaining into expired keeps it.
+                *expired = expired.checked_add(voided).unwrap_or(*expired);
+                voided
+            }
+            Balance::Unlimited { .. } => Credits::ZERO,
+        }
+    }
+}
+
 /// A grant about to be assigned: computed from a package snapshot and the operator's overrides.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewGrant {

@@ -10,7 +10,9 @@ mod ids;
 mod ledger;
 
 pub use credits::Credits;
-pub use grant::{Balance, Grant, GrantSource, GrantStatus, NewGrant, PackageType};
+pub use grant::{
+    Activation, Balance, Grant, GrantChangeError, GrantSource, GrantStatus, NewGrant, PackageType,
+};
 pub use ids::{ConsumptionId, PackageId, UserId, UserPackageId};
 pub use ledger::{
     Allocation, Insufficient, RefundLine, RefundPlan, Totals, apply_deduction, is_burn_ordered,

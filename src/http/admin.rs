@@ -1,17 +1,18 @@
 //! The admin API (operators, admin JWT).
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::ApiJson;
+use super::extract::{ApiJson, path_id};
+use super::query::{List, Params, id_cursor};
 use super::validate;
-use crate::domain::{GrantSource, NewGrant, PackageId};
-use crate::store::UserPackageRow;
+use crate::domain::{GrantSource, NewGrant, PackageId, UserId, UserPackageId};
+use crate::store::{self, GrantFilter, GrantListRow, UserPackageRow};
 use crate::wallet::{AssignRequest, WalletMsg};
 
 #[derive(Debug, Deserialize)]
@@ -89,4 +90,125 @@ pub async fn assign_user_package(
         StatusCode::OK
     };
     Ok((status, Json(answer.user_package)))
+}
+
+/// The grant an admin route names by id, and its owner.
+async fn grant_by_id(state: &AppState, segment: &str) -> Result<UserPackageRow, ApiError> {
+    let id = path_id("id", segment)?;
+    store::find_user_package(&state.pool, UserPackageId(id))
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found("user_package_not_found", format!("no user package {id}"))
+        })
+}
+
+/// `POST /api/admin/billing/user-packages/{id}/activate`: a pending grant starts now and
+/// expires `duration_days` later (or at the expiry fixed when it was assigned).
+#[tracing::instrument(skip_all, fields(user_package_id = %id))]
+pub async fn activate_user_package(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<UserPackageRow>, ApiError> {
+    let row = grant_by_id(&state, &id).await?;
+    let grant_id = UserPackageId(row.id);
+    let duration_days = row.duration_days;
+    let answer = state
+        .registry
+        .ask(UserId(row.user_id), |reply| WalletMsg::Activate {
+            grant_id,
+            duration_days,
+            reply,
+        })
+        .await?;
+    Ok(Json(answer))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeBody {
+    reason: Option<String>,
+}
+
+/// `POST /api/admin/billing/user-packages/{id}/revoke`: the grant ends now; its remaining
+/// credits are void and recorded as expired credits. The body (`reason`) is optional.
+#[tracing::instrument(skip_all, fields(user_package_id = %id))]
+pub async fn revoke_user_package(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<UserPackageRow>, ApiError> {
+    let body: RevokeBody = if body.is_empty() {
+        RevokeBody::default()
+    } else {
+        super::extract::parse(&body)?
+    };
+    let reason = body.reason;
+    let reason = validate::text("reason", reason, validate::TEXT_CHARS_MAX)?;
+    let row = grant_by_id(&state, &id).await?;
+    let grant_id = UserPackageId(row.id);
+    let answer = state
+        .registry
+        .ask(UserId(row.user_id), |reply| WalletMsg::Revoke {
+            grant_id,
+            reason,
+            reply,
+        })
+        .await?;
+    Ok(Json(answer))
+}
+
+const GRANT_STATUSES: &[&str] = &["pending", "active", "depleted", "expired", "revoked"];
+
+/// `GET /api/admin/users/{user_id}/billing-packages`: the user's grants, newest first
+/// (`status` filters).
+pub async fn list_user_packages(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    params: Params,
+) -> Result<Json<List<GrantListRow>>, ApiError> {
+    let user_id = validate::user_id("user_id", path_id("user_id", &user_id)?)?;
+    params.allow(&["status", "limit", "cursor"])?;
+    let filter = GrantFilter {
+        user_id: Some(user_id),
+        status: params.one_of("status", GRANT_STATUSES)?,
+        ..GrantFilter::default()
+    };
+    grant_page(&state, &filter, &params).await
+}
+
+/// `GET /api/admin/billing/packages/{id}/users`: who holds grants of a package, newest first
+/// (`status`, `user_id` filter). A deleted package still lists its grants.
+pub async fn list_package_users(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Params,
+) -> Result<Json<List<GrantListRow>>, ApiError> {
+    let id = path_id("id", &id)?;
+    params.allow(&["status", "user_id", "limit", "cursor"])?;
+    if crate::store::catalog::find_package(&state.pool, id)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::not_found(
+            "package_not_found",
+            format!("no package {id}"),
+        ));
+    }
+    let filter = GrantFilter {
+        user_id: params.user_id("user_id")?,
+        package_id: Some(id),
+        status: params.one_of("status", GRANT_STATUSES)?,
+    };
+    grant_page(&state, &filter, &params).await
+}
+
+/// A page of grants (shared by the admin and user lists).
+pub async fn grant_page(
+    state: &AppState,
+    filter: &GrantFilter,
+    params: &Params,
+) -> Result<Json<List<GrantListRow>>, ApiError> {
+    let page = params.page()?;
+    let rows = store::list_grants(&state.pool, filter, page.id()?, page.fetch_limit()).await?;
+    Ok(Json(page.finish(rows, |row| id_cursor(row.grant.id))))
 }

@@ -71,6 +71,14 @@ impl From<EngineError> for ApiError {
                 ApiError::not_found("consumption_not_found", message)
             }
             EngineError::PackageNotFound => ApiError::not_found("package_not_found", message),
+            EngineError::GrantNotFound => ApiError::not_found("user_package_not_found", message),
+            EngineError::GrantStatusConflict { status, .. } => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_user_package_status", message)
+                    .with("status", status)
+            }
+            EngineError::GrantExpiryPassed => {
+                ApiError::new(StatusCode::CONFLICT, "user_package_expiry_passed", message)
+            }
             EngineError::Overloaded(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
                     .with("retryable", true)
@@ -89,6 +97,12 @@ impl From<EngineError> for ApiError {
                 .with("retryable", true)
             }
         }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> ApiError {
+        EngineError::Database(error).into()
     }
 }
 

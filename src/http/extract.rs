@@ -74,6 +74,54 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// A field of a body that may leave it out: absent keeps the stored value (`PUT` updates only
+/// what it names), `null` clears it, a value sets it. Use with `#[serde(default)]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Patch<T> {
+    #[default]
+    Keep,
+    Clear,
+    Set(T),
+}
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Patch<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match Option::<T>::deserialize(deserializer)? {
+            None => Patch::Clear,
+            Some(value) => Patch::Set(value),
+        })
+    }
+}
+
+impl<T> Patch<T> {
+    /// The value after applying this patch to `current` (for a nullable field).
+    pub fn apply(self, current: Option<T>) -> Option<T> {
+        match self {
+            Patch::Keep => current,
+            Patch::Clear => None,
+            Patch::Set(value) => Some(value),
+        }
+    }
+
+    /// The value after applying this patch to a field that cannot be null.
+    pub fn apply_required(self, field: &str, current: Option<T>) -> Result<T, ApiError> {
+        match self {
+            Patch::Keep => current.ok_or_else(|| ApiError::invalid_field(field, "is required")),
+            Patch::Clear => Err(ApiError::invalid_field(field, "must not be null")),
+            Patch::Set(value) => Ok(value),
+        }
+    }
+}
+
+/// A numeric id from a path segment: `422` naming `field` when it is not one.
+pub fn path_id(field: &str, segment: &str) -> Result<i64, ApiError> {
+    segment
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::invalid_field(field, "must be a positive integer"))
+}
+
 /// serde names a missing field only in its message: "missing field `x`".
 fn missing_field(message: &str) -> Option<&str> {
     message

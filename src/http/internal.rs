@@ -186,3 +186,47 @@ pub async fn refund(
         .await?;
     Ok(Json(answer))
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisteredBody {
+    user_id: i64,
+}
+
+/// `POST /api/internal/billing/users/registered`: assigns every package marked for new users,
+/// once per user however often it is retried (`201` the first time, `200` after).
+#[tracing::instrument(skip_all, fields(user_id = body.user_id))]
+pub async fn registered(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RegisteredBody>,
+) -> Result<(StatusCode, Json<crate::wallet::RegisterAnswer>), ApiError> {
+    let user_id = validate::user_id("user_id", body.user_id)?;
+    let now = state.clock.now();
+    let snapshot = state.catalog.snapshot();
+    let grants = snapshot
+        .new_user_packages()
+        .map(|package| {
+            crate::domain::NewGrant::from_package(
+                package.id,
+                package.package_type,
+                package.credits_amount,
+                package.duration_days,
+                package.priority,
+                crate::domain::GrantSource::System,
+                None,
+                true,
+                now,
+            )
+        })
+        .collect();
+    let answer = state
+        .registry
+        .ask(user_id, |reply| WalletMsg::Register { grants, reply })
+        .await?;
+    let status = if answer.newly_registered {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(answer)))
+}

@@ -3,11 +3,13 @@
 
 mod admin;
 pub mod auth;
+mod catalog;
 pub mod error;
 pub mod extract;
 mod internal;
 pub mod query;
 mod reports;
+mod user;
 pub mod validate;
 
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post, put};
 use sqlx::PgPool;
 
 use crate::catalog::Catalog;
@@ -48,20 +50,70 @@ pub fn router(state: AppState) -> Router {
             "/api/internal/billing/credits/refund",
             post(internal::refund),
         )
+        .route(
+            "/api/internal/billing/users/registered",
+            post(internal::registered),
+        )
         .route_layer(from_fn_with_state(state.clone(), auth::require_service));
     let admin = Router::new()
+        .route(
+            "/api/admin/billing/action-prices",
+            get(catalog::list_prices).post(catalog::create_price),
+        )
+        .route(
+            "/api/admin/billing/action-prices/{action_key}",
+            put(catalog::update_price),
+        )
+        .route(
+            "/api/admin/billing/action-prices/{action_key}/status",
+            patch(catalog::set_price_status),
+        )
+        .route(
+            "/api/admin/billing/packages",
+            get(catalog::list_packages).post(catalog::create_package),
+        )
+        .route(
+            "/api/admin/billing/packages/{id}",
+            get(catalog::get_package)
+                .put(catalog::update_package)
+                .delete(catalog::delete_package),
+        )
+        .route(
+            "/api/admin/billing/packages/{id}/visibility",
+            patch(catalog::set_package_visibility),
+        )
+        .route(
+            "/api/admin/billing/packages/{id}/users",
+            get(admin::list_package_users),
+        )
         .route(
             "/api/admin/billing/user-packages",
             post(admin::assign_user_package),
         )
+        .route(
+            "/api/admin/billing/user-packages/{id}/activate",
+            post(admin::activate_user_package),
+        )
+        .route(
+            "/api/admin/billing/user-packages/{id}/revoke",
+            post(admin::revoke_user_package),
+        )
+        .route(
+            "/api/admin/users/{user_id}/billing-packages",
+            get(admin::list_user_packages),
+        )
         .merge(reports::admin_routes())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let user = Router::new()
+        .route("/api/user/billing/credits", get(user::credits))
+        .route("/api/user/billing/packages", get(user::packages))
         .merge(reports::user_routes())
         .route_layer(from_fn_with_state(state.clone(), auth::require_user));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/api/billing/action-prices", get(catalog::public_prices))
+        .route("/api/billing/packages", get(catalog::public_packages))
         .merge(internal)
         .merge(admin)
         .merge(user)

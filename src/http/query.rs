@@ -222,6 +222,29 @@ impl Page {
             .transpose()
     }
 
+    /// The cursor as a keyset position of lists ordered by a text key.
+    pub fn key(&self) -> Result<Option<String>, ApiError> {
+        self.cursor
+            .as_deref()
+            .map(|cursor| decode(cursor).ok_or_else(bad_cursor))
+            .transpose()
+    }
+
+    /// The cursor as a keyset position of `(sort key, id)` lists.
+    pub fn key_id(&self) -> Result<Option<(i64, i64)>, ApiError> {
+        self.cursor
+            .as_deref()
+            .map(|cursor| {
+                decode(cursor)
+                    .and_then(|text| {
+                        let (key, id) = text.split_once('.')?;
+                        Some((key.parse().ok()?, id.parse().ok()?))
+                    })
+                    .ok_or_else(bad_cursor)
+            })
+            .transpose()
+    }
+
     /// Turns the fetched rows (at most `fetch_limit`) into a page, its cursor made from the
     /// last row shown.
     pub fn finish<T: Serialize>(
@@ -253,6 +276,16 @@ pub struct List<T> {
 /// The cursor of `(time, id)` lists.
 pub fn time_id_cursor(at: DateTime<Utc>, id: i64) -> String {
     encode(&format!("{}.{id}", at.timestamp_micros()))
+}
+
+/// The cursor of lists ordered by a text key.
+pub fn key_cursor(key: &str) -> String {
+    encode(key)
+}
+
+/// The cursor of `(sort key, id)` lists.
+pub fn key_id_cursor(key: i64, id: i64) -> String {
+    encode(&format!("{key}.{id}"))
 }
 
 /// The cursor of id-ordered lists.

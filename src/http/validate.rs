@@ -16,6 +16,47 @@ pub const TEXT_CHARS_MAX: usize = 1_024;
 /// Longest external reference, in characters.
 pub const EXTERNAL_REF_CHARS_MAX: usize = 128;
 
+/// Largest price of one unit of an action, in credits. With `QUANTITY_MAX` it bounds one
+/// deduction to 10^15 credits, far from `i64` overflow.
+pub const CREDITS_COST_MAX: i64 = 1_000_000_000;
+/// Largest credits a package may grant.
+pub const CREDITS_AMOUNT_MAX: i64 = 1_000_000_000_000;
+/// Longest validity of a package, in days (100 years).
+pub const DURATION_DAYS_MAX: i32 = 36_500;
+/// Largest package price, in cents.
+pub const PRICE_CENTS_MAX: i64 = 1_000_000_000_000;
+/// Bound of priorities and sort orders, either sign.
+pub const ORDER_ABS_MAX: i32 = 1_000_000;
+/// Longest name, in characters.
+pub const NAME_CHARS_MAX: usize = 128;
+
+/// A required name: 1 to 128 characters, not only spaces.
+pub fn name(field: &str, value: String) -> Result<String, ApiError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() || trimmed.chars().count() > NAME_CHARS_MAX || trimmed.contains('\0') {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("must be 1-{NAME_CHARS_MAX} characters"),
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// An integer within `range`, named in the error.
+pub fn within<T>(field: &str, value: T, range: std::ops::RangeInclusive<T>) -> Result<T, ApiError>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ApiError::invalid_field(
+            field,
+            format!("must be between {} and {}", range.start(), range.end()),
+        ))
+    }
+}
+
 pub fn user_id(field: &str, value: i64) -> Result<UserId, ApiError> {
     if value <= 0 {
         return Err(ApiError::invalid_field(field, "must be a positive integer"));

@@ -1,6 +1,7 @@
 //! Every SQL statement of the engine lives here. `writer` is the batch writer of the deduct path;
 //! this module holds the reads and the rare writes (admin assign) that wallets perform directly.
 
+pub mod catalog;
 pub mod reports;
 pub mod writer;
 
@@ -107,6 +108,8 @@ pub struct UserPackageRow {
     pub used_credits: i64,
     pub remaining_credits: i64,
     pub expired_credits: i64,
+    /// Copied from the package when assigned; a pending grant's validity once activated.
+    pub duration_days: Option<i32>,
     pub activated_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub external_ref: Option<String>,
@@ -115,9 +118,10 @@ pub struct UserPackageRow {
     pub updated_at: DateTime<Utc>,
 }
 
-const USER_PACKAGE_COLUMNS: &str = "id, user_id, package_id, source, status, priority, unlimited,
-    total_credits, used_credits, remaining_credits, expired_credits, activated_at, expires_at,
-    external_ref, note, created_at, updated_at";
+pub const USER_PACKAGE_COLUMNS: &str =
+    "id, user_id, package_id, source, status, priority, unlimited,
+    total_credits, used_credits, remaining_credits, expired_credits, duration_days, activated_at,
+    expires_at, external_ref, note, created_at, updated_at";
 
 impl UserPackageRow {
     /// The wallet's view of this row. `None` for a row the database's CHECKs would not allow.
@@ -176,6 +180,30 @@ pub async fn insert_grant(
     now: DateTime<Utc>,
 ) -> Result<(UserPackageRow, bool), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    if let Some(row) = insert_grant_in(&mut tx, user_id, grant, external_ref, note, now).await? {
+        tx.commit().await?;
+        return Ok((row, true));
+    }
+    tx.rollback().await?;
+    let existing: UserPackageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE user_id = $1 AND external_ref = $2"
+    )))
+    .bind(user_id.get())
+    .bind(external_ref)
+    .fetch_one(pool)
+    .await?;
+    Ok((existing, false))
+}
+
+/// Inserts a grant and its events inside `tx`; `None` when `external_ref` is already taken.
+async fn insert_grant_in(
+    tx: &mut sqlx::PgConnection,
+    user_id: UserId,
+    grant: &NewGrant,
+    external_ref: Option<&str>,
+    note: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Option<UserPackageRow>, sqlx::Error> {
     let inserted: Option<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
              total_credits, remaining_credits, duration_days, activated_at, expires_at,
@@ -199,19 +227,9 @@ pub async fn insert_grant(
     .bind(now)
     .fetch_optional(&mut *tx)
     .await?;
-
     let Some(row) = inserted else {
-        tx.rollback().await?;
-        let existing: UserPackageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE user_id = $1 AND external_ref = $2"
-        )))
-        .bind(user_id.get())
-        .bind(external_ref)
-        .fetch_one(pool)
-        .await?;
-        return Ok((existing, false));
+        return Ok(None);
     };
-
     let payload = serde_json::json!({
         "user_package_id": row.id,
         "package_id": row.package_id,
@@ -227,13 +245,69 @@ pub async fn insert_grant(
         kinds.push("billing_package_activate");
     }
     for kind in kinds {
-        insert_event(&mut tx, kind, Some(user_id), &payload, now).await?;
+        insert_event(&mut *tx, kind, Some(user_id), &payload, now).await?;
     }
-    tx.commit().await?;
-    Ok((row, true))
+    Ok(Some(row))
 }
 
-async fn insert_event(
+/// Records the user as registered and assigns `grants` (the new-user packages), all in one
+/// transaction. A user registered before gets nothing: `(false, [])`.
+pub async fn register_user(
+    pool: &PgPool,
+    user_id: UserId,
+    grants: &[NewGrant],
+    now: DateTime<Utc>,
+) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let registered: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO user_registrations (user_id, registered_at) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
+    )
+    .bind(user_id.get())
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if registered.is_none() {
+        tx.rollback().await?;
+        return Ok((false, Vec::new()));
+    }
+    let mut rows = Vec::with_capacity(grants.len());
+    for grant in grants {
+        // One per package and user, whatever else assigned that package before.
+        let external_ref = format!("new-user:{}", grant.package_id.get());
+        if let Some(row) =
+            insert_grant_in(&mut tx, user_id, grant, Some(&external_ref), None, now).await?
+        {
+            rows.push(row);
+        }
+    }
+    let package_ids: Vec<i64> = rows.iter().map(|row| row.package_id).collect();
+    insert_event(
+        &mut tx,
+        "billing_user_registered",
+        Some(user_id),
+        &serde_json::json!({ "assigned_package_ids": package_ids }),
+        now,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((true, rows))
+}
+
+/// A grant's row by its id alone (admin routes name grants by id).
+pub async fn find_user_package(
+    pool: &PgPool,
+    id: UserPackageId,
+) -> Result<Option<UserPackageRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE id = $1"
+    )))
+    .bind(id.get())
+    .fetch_optional(pool)
+    .await
+}
+
+pub(crate) async fn insert_event(
     tx: &mut sqlx::PgConnection,
     kind: &str,
     user_id: Option<UserId>,
@@ -424,4 +498,77 @@ pub async fn find_consumption_owner(
 pub fn parse_package_type(text: &str) -> Result<PackageType, sqlx::Error> {
     PackageType::parse(text)
         .ok_or_else(|| sqlx::Error::Protocol(format!("unknown package_type {text}")))
+}
+
+/// A grant with its package's name, as lists show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct GrantListRow {
+    #[sqlx(flatten)]
+    #[serde(flatten)]
+    pub grant: UserPackageRow,
+    pub package_name: String,
+}
+
+/// `USER_PACKAGE_COLUMNS` qualified by a table alias, for joins.
+fn grant_columns_of(alias: &str) -> String {
+    USER_PACKAGE_COLUMNS
+        .split(',')
+        .map(|column| format!("{alias}.{}", column.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Which grants a list shows.
+#[derive(Clone, Debug, Default)]
+pub struct GrantFilter {
+    pub user_id: Option<UserId>,
+    pub package_id: Option<i64>,
+    pub status: Option<String>,
+}
+
+/// Most grants the credit summary reads for one user.
+pub const SUMMARY_GRANTS_MAX: i64 = 1_000;
+
+/// A page of grants, newest first, after the id `before` (exclusive).
+pub async fn list_grants(
+    pool: &PgPool,
+    filter: &GrantFilter,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<GrantListRow>, sqlx::Error> {
+    let columns = grant_columns_of("g");
+    let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+        "SELECT {columns}, p.name AS package_name
+         FROM user_packages g JOIN packages p ON p.id = g.package_id WHERE true"
+    ));
+    if let Some(user_id) = filter.user_id {
+        query.push(" AND g.user_id = ").push_bind(user_id.get());
+    }
+    if let Some(package_id) = filter.package_id {
+        query.push(" AND g.package_id = ").push_bind(package_id);
+    }
+    if let Some(status) = &filter.status {
+        query.push(" AND g.status = ").push_bind(status.clone());
+    }
+    if let Some(before) = before {
+        query.push(" AND g.id < ").push_bind(before);
+    }
+    query.push(" ORDER BY g.id DESC LIMIT ").push_bind(limit);
+    query.build_query_as().fetch_all(pool).await
+}
+
+/// The grants that can pay or be activated (pending, active, depleted), with package names,
+/// in id order; at most `SUMMARY_GRANTS_MAX`.
+pub async fn live_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error> {
+    let columns = grant_columns_of("g");
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {columns}, p.name AS package_name
+         FROM user_packages g JOIN packages p ON p.id = g.package_id
+         WHERE g.user_id = $1 AND g.status IN ('pending', 'active', 'depleted')
+         ORDER BY g.id LIMIT $2"
+    )))
+    .bind(user_id.get())
+    .bind(SUMMARY_GRANTS_MAX)
+    .fetch_all(pool)
+    .await
 }

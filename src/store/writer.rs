@@ -23,9 +23,11 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{Allocation, ConsumptionId, Credits, RefundPlan, UserId};
+use crate::domain::{
+    Activation, Allocation, ConsumptionId, Credits, RefundPlan, UserId, UserPackageId,
+};
 use crate::error::EngineError;
-use crate::store::{self, StoredConsumption};
+use crate::store::{self, StoredConsumption, UserPackageRow};
 use crate::wallet::{
     DeductAnswer, DeductOutcome, DeductRequest, RefundAnswer, RefundOutcome, Reply, Settlement,
     WalletMsg, original_answer,
@@ -81,10 +83,33 @@ pub struct RefundEffect {
     pub reply: Reply<RefundAnswer>,
 }
 
+/// An operator's change to one grant. It goes through the writer, not straight to the table, so
+/// it commits after the deductions its wallet handed over before it and its voided credits are
+/// computed on the same memory they were.
+#[derive(Debug)]
+pub struct GrantEffect {
+    pub user_id: UserId,
+    pub grant_id: UserPackageId,
+    pub change: GrantChange,
+    pub at: DateTime<Utc>,
+    pub reply: Reply<UserPackageRow>,
+}
+
+#[derive(Clone, Debug)]
+pub enum GrantChange {
+    Activate(Activation),
+    /// `voided` is what remained in the wallet's memory when it revoked the grant.
+    Revoke {
+        voided: Credits,
+        reason: Option<String>,
+    },
+}
+
 #[derive(Debug)]
 pub enum Effect {
     Deduct(DeductEffect),
     Refund(RefundEffect),
+    Grant(GrantEffect),
 }
 
 #[derive(Debug)]
@@ -198,6 +223,9 @@ enum Applied {
     Inserted(ConsumptionId),
     Duplicate(StoredConsumption),
     Refunded,
+    /// A grant change, written after the balance deltas and then replaced by `GrantChanged`.
+    GrantPending,
+    GrantChanged(Box<UserPackageRow>),
 }
 
 async fn process(pool: &PgPool, ids: &mut IdBlock, batch: Vec<Envelope>) {
@@ -281,6 +309,10 @@ fn fail(envelope: Envelope, message: &'static str, reports: &mut Reports) {
                 },
             );
         }
+        Effect::Grant(effect) => {
+            let _ = effect.reply.send(Err(unavailable()));
+            reports.push(&envelope.origin, Settlement::Grant);
+        }
     }
 }
 
@@ -341,6 +373,10 @@ fn settle(envelope: Envelope, applied: Applied, reports: &mut Reports) {
                 },
             );
         }
+        (Effect::Grant(effect), Applied::GrantChanged(row)) => {
+            let _ = effect.reply.send(Ok(*row));
+            reports.push(&envelope.origin, Settlement::Grant);
+        }
         // commit() answers each effect with its own kind.
         (effect, _) => unreachable!("commit answered {effect:?} with another kind"),
     }
@@ -399,14 +435,14 @@ async fn commit(
         .iter()
         .filter_map(|envelope| match &envelope.effect {
             Effect::Deduct(effect) => Some(effect),
-            Effect::Refund(_) => None,
+            _ => None,
         })
         .collect();
     let refunds: Vec<&RefundEffect> = batch
         .iter()
         .filter_map(|envelope| match &envelope.effect {
             Effect::Refund(effect) => Some(effect),
-            Effect::Deduct(_) => None,
+            _ => None,
         })
         .collect();
     let consumption_ids = ids.take(pool, deducts.len()).await?;
@@ -549,6 +585,8 @@ async fn commit(
                 );
                 applied.push(Applied::Refunded);
             }
+            // Written after the balance deltas, below; answered with the final row.
+            Effect::Grant(_) => applied.push(Applied::GrantPending),
         }
     }
 
@@ -596,6 +634,19 @@ async fn commit(
         }
     }
 
+    for (envelope, applied) in batch.iter().zip(applied.iter_mut()) {
+        if let Effect::Grant(effect) = &envelope.effect {
+            let row = write_grant_change(&mut tx, effect).await?;
+            events.push(
+                effect.change.event_kind(),
+                effect.user_id,
+                effect.change.event_payload(&row),
+                effect.at,
+            );
+            *applied = Applied::GrantChanged(Box::new(row));
+        }
+    }
+
     events.insert(&mut tx).await?;
     tx.commit().await.map_err(CommitError::Unknown)?;
     Ok(applied)
@@ -622,6 +673,79 @@ impl CommitError {
             }
         }
     }
+}
+
+impl GrantChange {
+    fn event_kind(&self) -> &'static str {
+        match self {
+            GrantChange::Activate(_) => "billing_package_activate",
+            GrantChange::Revoke { .. } => "billing_package_revoke",
+        }
+    }
+
+    fn event_payload(&self, row: &UserPackageRow) -> serde_json::Value {
+        match self {
+            GrantChange::Activate(activation) => json!({
+                "user_package_id": row.id,
+                "package_id": row.package_id,
+                "activated_at": activation.activated_at,
+                "expires_at": activation.expires_at,
+            }),
+            GrantChange::Revoke { voided, reason } => json!({
+                "user_package_id": row.id,
+                "package_id": row.package_id,
+                "voided_credits": voided,
+                "reason": reason,
+            }),
+        }
+    }
+}
+
+/// Applies one grant change and returns the grant's row as it now stands. The status guard
+/// makes a change the database does not expect fail the batch: the wallet then reloads.
+async fn write_grant_change(
+    tx: &mut sqlx::PgConnection,
+    effect: &GrantEffect,
+) -> Result<UserPackageRow, sqlx::Error> {
+    let columns = store::USER_PACKAGE_COLUMNS;
+    let query = match &effect.change {
+        GrantChange::Activate(activation) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE user_packages
+             SET status = CASE WHEN unlimited OR remaining_credits > 0 THEN 'active' ELSE 'depleted' END,
+                 activated_at = $3, expires_at = $4, updated_at = $5
+             WHERE user_id = $1 AND id = $2 AND status = 'pending'
+             RETURNING {columns}"
+        )))
+        .bind(effect.user_id.get())
+        .bind(effect.grant_id.get())
+        .bind(activation.activated_at)
+        .bind(activation.expires_at)
+        .bind(effect.at),
+        GrantChange::Revoke { voided, .. } => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE user_packages
+             SET status = 'revoked',
+                 remaining_credits = CASE WHEN unlimited THEN 0 ELSE remaining_credits - $3 END,
+                 expired_credits = CASE WHEN unlimited THEN 0 ELSE expired_credits + $3 END,
+                 updated_at = $4
+             WHERE user_id = $1 AND id = $2 AND status IN ('pending', 'active', 'depleted')
+             RETURNING {columns}"
+        )))
+        .bind(effect.user_id.get())
+        .bind(effect.grant_id.get())
+        .bind(voided.get())
+        .bind(effect.at),
+    };
+    let row: Option<UserPackageRow> = query.fetch_optional(&mut *tx).await?;
+    let row = row.ok_or_else(|| protocol("a grant change found the grant in another status"))?;
+    if !row.unlimited
+        && row.remaining_credits != 0
+        && matches!(effect.change, GrantChange::Revoke { .. })
+    {
+        return Err(protocol(
+            "a revoked grant kept credits the wallet did not know of",
+        ));
+    }
+    Ok(row)
 }
 
 /// Marks the consumptions refunded and records, per allocation, what came back and what was

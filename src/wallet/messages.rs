@@ -4,7 +4,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::domain::{Allocation, ConsumptionId, Credits, NewGrant};
+use crate::domain::{Allocation, ConsumptionId, Credits, NewGrant, UserPackageId};
 use crate::error::EngineError;
 use crate::store::UserPackageRow;
 
@@ -86,6 +86,15 @@ pub struct AssignAnswer {
     pub created: bool,
 }
 
+/// A user announced by the host application: new-user packages are assigned once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RegisterAnswer {
+    pub user_id: i64,
+    /// False when the user was announced before (nothing was assigned this time).
+    pub newly_registered: bool,
+    pub assigned: Vec<UserPackageRow>,
+}
+
 /// What the batch writer reports to a wallet about one effect it handed over.
 #[derive(Debug)]
 pub enum Settlement {
@@ -98,6 +107,8 @@ pub enum Settlement {
         consumption_id: ConsumptionId,
         outcome: RefundOutcome,
     },
+    /// An operator's grant change; the writer has already answered its caller.
+    Grant,
 }
 
 #[derive(Debug)]
@@ -137,6 +148,24 @@ pub enum WalletMsg {
     Assign {
         request: AssignRequest,
         reply: Reply<AssignAnswer>,
+    },
+    /// An operator activates a pending grant. `duration_days` is the grant's copy of its
+    /// package's duration (grants do not carry it in memory).
+    Activate {
+        grant_id: UserPackageId,
+        duration_days: Option<i32>,
+        reply: Reply<UserPackageRow>,
+    },
+    /// An operator revokes a grant: its remaining credits are void.
+    Revoke {
+        grant_id: UserPackageId,
+        reason: Option<String>,
+        reply: Reply<UserPackageRow>,
+    },
+    /// The host application announced the user: assign the new-user packages once.
+    Register {
+        grants: Vec<NewGrant>,
+        reply: Reply<RegisterAnswer>,
     },
     /// From the batch writer, once per batch that held effects of this wallet.
     Settled(Vec<Settlement>),

@@ -19,12 +19,13 @@ use sqlx::PgPool;
 pub use messages::*;
 
 use crate::clock::Clock;
-use crate::domain::{self, ConsumptionId, Grant, UserId};
+use crate::domain::{self, ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
 use crate::error::EngineError;
 use crate::store::writer::{
-    self, DeductEffect, Effect, Envelope, Origin, RefundEffect, WriterHandle,
+    self, DeductEffect, Effect, Envelope, GrantChange, GrantEffect, Origin, RefundEffect,
+    WriterHandle,
 };
-use crate::store::{self, StoredConsumption};
+use crate::store::{self, StoredConsumption, UserPackageRow};
 
 /// What every wallet shares.
 pub struct WalletDeps {
@@ -133,6 +134,48 @@ impl Actor for Wallet {
             WalletMsg::Refund { request, reply } => state.refund(&myself, request, reply).await,
             WalletMsg::Assign { request, reply } => {
                 let _ = reply.send(state.assign(request).await);
+            }
+            WalletMsg::Activate {
+                grant_id,
+                duration_days,
+                reply,
+            } => {
+                let now = state.deps.clock.now();
+                let change = move |grant: &mut Grant| {
+                    grant
+                        .activate(now, duration_days)
+                        .map(GrantChange::Activate)
+                        .map_err(|error| match error {
+                            domain::GrantChangeError::NotPending(status) => {
+                                EngineError::GrantStatusConflict {
+                                    status: status.as_str().to_owned(),
+                                    change: "activated",
+                                }
+                            }
+                            domain::GrantChangeError::ExpiryPassed => {
+                                EngineError::GrantExpiryPassed
+                            }
+                        })
+                };
+                state
+                    .change_grant(&myself, grant_id, "activated", change, reply)
+                    .await;
+            }
+            WalletMsg::Revoke {
+                grant_id,
+                reason,
+                reply,
+            } => {
+                let change = move |grant: &mut Grant| {
+                    let voided = grant.end(GrantStatus::Revoked);
+                    Ok(GrantChange::Revoke { voided, reason })
+                };
+                state
+                    .change_grant(&myself, grant_id, "revoked", change, reply)
+                    .await;
+            }
+            WalletMsg::Register { grants, reply } => {
+                let _ = reply.send(state.register(grants).await);
             }
             WalletMsg::Settled(settlements) => state.settle(&myself, settlements).await,
         }
@@ -442,6 +485,85 @@ impl WalletState {
         })
     }
 
+    /// Applies an operator's change to one grant in memory and hands it to the writer, behind
+    /// whatever this wallet handed over before. A grant this wallet does not hold has ended
+    /// (expired or revoked): the caller learns its status.
+    async fn change_grant(
+        &mut self,
+        myself: &ActorRef<WalletMsg>,
+        grant_id: UserPackageId,
+        change_name: &'static str,
+        change: impl FnOnce(&mut Grant) -> Result<GrantChange, EngineError>,
+        reply: Reply<UserPackageRow>,
+    ) {
+        if let Err(error) = self.ensure_fresh().await {
+            let _ = reply.send(Err(error));
+            return;
+        }
+        let Some(index) = self.grants.iter().position(|grant| grant.id == grant_id) else {
+            let answer = match store::find_user_package(&self.deps.pool, grant_id).await {
+                Ok(Some(row)) if row.user_id == self.user_id.get() => {
+                    Err(EngineError::GrantStatusConflict {
+                        status: row.status,
+                        change: change_name,
+                    })
+                }
+                Ok(_) => Err(EngineError::GrantNotFound),
+                Err(error) => Err(error.into()),
+            };
+            let _ = reply.send(answer);
+            return;
+        };
+        let deps = self.deps.clone();
+        let permit =
+            match writer::reserve(deps.writer.lane(self.user_id), deps.limits.enqueue_wait).await {
+                Ok(permit) => permit,
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
+            };
+        let mut changed = self.grants[index].clone();
+        let change = match change(&mut changed) {
+            Ok(change) => change,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
+        if matches!(changed.status, GrantStatus::Revoked | GrantStatus::Expired) {
+            self.grants.remove(index);
+        } else {
+            self.grants[index] = changed;
+            domain::sort_burn_order(&mut self.grants);
+        }
+        self.in_flight += 1;
+        permit.send(Envelope {
+            origin: self.origin(myself),
+            effect: Effect::Grant(GrantEffect {
+                user_id: self.user_id,
+                grant_id,
+                change,
+                at: deps.clock.now(),
+                reply,
+            }),
+        });
+    }
+
+    async fn register(&mut self, grants: Vec<NewGrant>) -> Result<RegisterAnswer, EngineError> {
+        let now = self.deps.clock.now();
+        let (newly_registered, rows) =
+            store::register_user(&self.deps.pool, self.user_id, &grants, now).await?;
+        self.grants
+            .extend(rows.iter().filter_map(UserPackageRow::to_grant));
+        domain::sort_burn_order(&mut self.grants);
+        Ok(RegisterAnswer {
+            user_id: self.user_id.get(),
+            newly_registered,
+            assigned: rows,
+        })
+    }
+
     async fn settle(&mut self, myself: &ActorRef<WalletMsg>, settlements: Vec<Settlement>) {
         for settlement in settlements {
             self.in_flight = self.in_flight.saturating_sub(1);
@@ -456,6 +578,8 @@ impl WalletState {
                     }
                     self.settle_deduct(idempotency_key, &allocations, outcome);
                 }
+                // Memory already holds the change; a failure bumped the epoch and reloads.
+                Settlement::Grant => {}
                 Settlement::Refund {
                     consumption_id,
                     outcome,

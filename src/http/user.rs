@@ -1,0 +1,108 @@
+//! The user API: an end user's own credits and packages (user JWT). A user sees only their
+//! own data: the user id comes from the token, never from the request.
+
+use axum::extract::State;
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::AppState;
+use super::admin::grant_page;
+use super::auth::Principal;
+use super::error::ApiError;
+use super::query::{List, Params};
+use crate::domain::{self, GrantStatus};
+use crate::store::{self, GrantFilter, GrantListRow};
+
+#[derive(Debug, Serialize)]
+pub struct CreditSummary {
+    user_id: i64,
+    /// Credits the user can spend now across limited grants.
+    remaining_credits: i64,
+    /// True while an unlimited grant is active: deductions succeed whatever the total says.
+    unlimited: bool,
+    grants: Vec<GrantSummary>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GrantSummary {
+    user_package_id: i64,
+    package_id: i64,
+    package_name: String,
+    /// `expired` as soon as `expires_at` passes, even before the supervisor records it.
+    status: &'static str,
+    priority: i32,
+    unlimited: bool,
+    /// `null` for an unlimited grant.
+    total_credits: Option<i64>,
+    used_credits: i64,
+    /// `null` for an unlimited grant.
+    remaining_credits: Option<i64>,
+    activated_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /api/user/billing/credits`: what the user can spend now, and per grant.
+pub async fn credits(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    params: Params,
+) -> Result<Json<CreditSummary>, ApiError> {
+    params.allow(&[])?;
+    let now = state.clock.now();
+    let rows = store::live_grants(&state.pool, principal.user_id).await?;
+    let mut grants = Vec::with_capacity(rows.len());
+    let mut wallet = Vec::with_capacity(rows.len());
+    for row in rows {
+        let Some(grant) = row.grant.to_grant() else {
+            continue;
+        };
+        let status = if grant.expires_at.is_some_and(|at| at <= now)
+            && grant.status != GrantStatus::Pending
+        {
+            GrantStatus::Expired
+        } else {
+            grant.status
+        };
+        let unlimited = row.grant.unlimited;
+        grants.push(GrantSummary {
+            user_package_id: row.grant.id,
+            package_id: row.grant.package_id,
+            package_name: row.package_name,
+            status: status.as_str(),
+            priority: row.grant.priority,
+            unlimited,
+            total_credits: (!unlimited).then_some(row.grant.total_credits),
+            used_credits: row.grant.used_credits,
+            remaining_credits: (!unlimited).then_some(row.grant.remaining_credits),
+            activated_at: row.grant.activated_at,
+            expires_at: row.grant.expires_at,
+        });
+        wallet.push(grant);
+    }
+    let totals = domain::totals(&wallet, now);
+    Ok(Json(CreditSummary {
+        user_id: principal.user_id.get(),
+        remaining_credits: totals.remaining_credits.get(),
+        unlimited: totals.unlimited,
+        grants,
+    }))
+}
+
+/// `GET /api/user/billing/packages`: all of the user's grants, newest first (`status` filters).
+pub async fn packages(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    params: Params,
+) -> Result<Json<List<GrantListRow>>, ApiError> {
+    params.allow(&["status", "limit", "cursor"])?;
+    let filter = GrantFilter {
+        user_id: Some(principal.user_id),
+        status: params.one_of(
+            "status",
+            &["pending", "active", "depleted", "expired", "revoked"],
+        )?,
+        ..GrantFilter::default()
+    };
+    grant_page(&state, &filter, &params).await
+}

@@ -218,12 +218,8 @@ impl PackageBody {
                 "must be one of credits, hybrid, duration, permanent",
             )
         })?;
-        let credits_amount = self
-            .credits_amount
-            .apply(d.map(|d| d.credits_amount).flatten());
-        let duration_days = self
-            .duration_days
-            .apply(d.map(|d| d.duration_days).flatten());
+        let credits_amount = self.credits_amount.apply(d.and_then(|d| d.credits_amount));
+        let duration_days = self.duration_days.apply(d.and_then(|d| d.duration_days));
         let (credits_amount, duration_days) =
             package_shape(package_type, credits_amount, duration_days)?;
         let currency = self.currency.apply_required(
@@ -244,7 +240,7 @@ impl PackageBody {
             .apply_required("name", d.map(|d| d.name.clone()))?;
         let description = self
             .description
-            .apply(d.map(|d| d.description.clone()).flatten());
+            .apply(d.and_then(|d| d.description.clone()));
         let order = -validate::ORDER_ABS_MAX..=validate::ORDER_ABS_MAX;
         Ok(PackageFields {
             name: validate::name("name", name)?,

@@ -641,3 +641,144 @@ async fn bad_parameters_are_422_naming_the_parameter(pool: PgPool) {
         assert_eq!(body["error"]["field"], field, "{path}: {body}");
     }
 }
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn a_large_export_streams_every_row_across_chunks(pool: PgPool) {
+    // 1,234 records straight in the table (more than two chunks of 500 rows), several sharing
+    // a second, so the order's id tie-break is exercised too.
+    sqlx::query(
+        "INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
+             credits_cost, price_version, request_fingerprint, remaining_after, metadata,
+             created_at)
+         SELECT 5, 100000 + g, 'ai_chat', 1, 1, 1, 1, 'fp', 0, jsonb_build_object('g', g),
+                '2026-01-01T00:00:00Z'::timestamptz + (g / 3) * interval '1 second'
+         FROM generate_series(1, 1234) AS g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let engine = engine(pool.clone()).await;
+    let answer = call(&engine.router, "GET", EXPORT, Some(&admin_token()), None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let text = answer.text();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let exported: Vec<i64> = reader
+        .records()
+        .map(|record| record.unwrap()[0].parse().unwrap())
+        .collect();
+    assert_eq!(exported, sql_ids(&pool, "true").await);
+    assert_eq!(exported.len(), 1234);
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn a_database_failure_mid_export_truncates_the_transfer(pool: PgPool) {
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    // Far more rows than the channel buffers and the sockets hold, so the export is still
+    // reading from PostgreSQL when its connection is killed.
+    sqlx::query(
+        "INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
+             credits_cost, price_version, request_fingerprint, remaining_after, metadata,
+             created_at)
+         SELECT 5, g, 'ai_chat', 1, 1, 1, 1, 'fp', 0, jsonb_build_object('pad', repeat('x', 200)),
+                '2026-01-01T00:00:00Z'::timestamptz + g * interval '1 second'
+         FROM generate_series(1, 60000) AS g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let engine = engine(pool.clone()).await;
+    let request = Request::get(EXPORT)
+        .header("authorization", format!("Bearer {}", admin_token()))
+        .body(Body::empty())
+        .unwrap();
+    let response = engine.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(
+        first
+            .data_ref()
+            .is_some_and(|data| data.starts_with(b"id,"))
+    );
+
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND query LIKE 'SELECT id, user_id, action_key%ORDER BY created_at DESC%') AS killed",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(terminated, 1, "the export's connection was found");
+
+    let mut rows = 0usize;
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                rows += frame
+                    .data_ref()
+                    .map_or(0, |data| data.iter().filter(|b| **b == b'\n').count())
+            }
+            Some(Err(_)) => break,
+            None => panic!("the body ended cleanly after {rows} more rows: a silently short file"),
+        }
+    }
+    assert!(rows < 60_000);
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn exports_beyond_the_concurrent_limit_are_503(pool: PgPool) {
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    // Enough rows that an unread export fills its channel and keeps its slot.
+    sqlx::query(
+        "INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
+             credits_cost, price_version, request_fingerprint, remaining_after, created_at)
+         SELECT 5, g, 'ai_chat', 1, 1, 1, 1, 'fp', 0,
+                '2026-01-01T00:00:00Z'::timestamptz + g * interval '1 second'
+         FROM generate_series(1, 5000) AS g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let engine = engine(pool.clone()).await;
+    let start = || {
+        let request = Request::get(EXPORT)
+            .header("authorization", format!("Bearer {}", admin_token()))
+            .body(Body::empty())
+            .unwrap();
+        engine.router.clone().oneshot(request)
+    };
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let response = start().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        let lines = frame
+            .data_ref()
+            .unwrap()
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+        running.push((body, lines));
+    }
+    let (status, refused) = engine.admin("GET", EXPORT, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    assert_eq!(refused["error"]["code"], "overloaded");
+    // A finished export gives its slot back.
+    let (body, lines) = running.remove(0);
+    let rest = body.collect().await.unwrap().to_bytes();
+    let lines = lines + rest.iter().filter(|b| **b == b'\n').count();
+    assert_eq!(lines, 1 + 5000, "the header and every row");
+    let third = call(&engine.router, "GET", EXPORT, Some(&admin_token()), None).await;
+    assert_eq!(third.status, StatusCode::OK);
+}

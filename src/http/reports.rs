@@ -9,9 +9,12 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
-use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use super::AppState;
 use super::auth::Principal;
@@ -37,10 +40,10 @@ const EXPORT_CHUNK_ROWS: usize = 500;
 /// Chunks buffered between the database reader and the client: a slow client holds at most
 /// this many chunks in memory before the reader waits for it.
 const EXPORT_CHUNKS_BUFFERED: usize = 4;
-/// Exports running at once. Each holds a pooled connection (and a snapshot) for as long as its
-/// client reads, so they are capped to leave the pool to the deduct path; one more is `503`.
+/// Exports running at once per engine. Each holds a pooled connection (and a snapshot) for as
+/// long as its client reads, so they are capped to leave the pool to the deduct path; one more
+/// is `503 overloaded`.
 const EXPORTS_CONCURRENT_MAX: usize = 2;
-static EXPORT_SLOTS: Semaphore = Semaphore::const_new(EXPORTS_CONCURRENT_MAX);
 /// The columns of the CSV export, in order.
 const EXPORT_COLUMNS: [&str; 13] = [
     "id",
@@ -74,7 +77,14 @@ pub fn admin_routes() -> Router<AppState> {
             get(consumption_export),
         )
         .route("/api/admin/billing/events", get(events))
+        .layer(Extension(ExportSlots(Arc::new(Semaphore::new(
+            EXPORTS_CONCURRENT_MAX,
+        )))))
 }
+
+/// The running exports of one router (one engine): a permit each.
+#[derive(Clone)]
+struct ExportSlots(Arc<Semaphore>);
 
 /// Routes of the user surface (behind `require_user`).
 pub fn user_routes() -> Router<AppState> {
@@ -222,11 +232,12 @@ fn days_touched(from: DateTime<Utc>, to: DateTime<Utc>) -> i64 {
 #[tracing::instrument(skip_all)]
 async fn consumption_export(
     State(state): State<AppState>,
+    Extension(ExportSlots(slots)): Extension<ExportSlots>,
     params: Params,
 ) -> Result<Response, ApiError> {
     params.allow(&["user_id", "action_key", "status", "from", "to"])?;
     let filter = admin_consumption_filter(&params)?;
-    let slot = EXPORT_SLOTS.try_acquire().map_err(|_| {
+    let slot = slots.try_acquire_owned().map_err(|_| {
         ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -249,7 +260,8 @@ async fn consumption_export(
         })?;
     tracing::info!(rows = export.rows, "consumption export starts");
     let (sender, receiver) = mpsc::channel(EXPORT_CHUNKS_BUFFERED);
-    tokio::spawn(write_export(export, sender, slot));
+    // The task logs in this request's span, so a mid-stream failure is traced to its export.
+    tokio::spawn(write_export(export, sender, slot).instrument(tracing::Span::current()));
     let headers = [
         (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
         (
@@ -312,7 +324,7 @@ impl<'a> CsvRow<'a> {
 async fn write_export(
     mut export: ConsumptionExport,
     sender: mpsc::Sender<Chunk>,
-    _slot: SemaphorePermit<'static>,
+    _slot: OwnedSemaphorePermit,
 ) {
     match encode_export(&mut export, &sender).await {
         Ok(Sent::All { rows }) => tracing::info!(rows, "consumption export done"),

@@ -6,6 +6,8 @@
 //! its row count) run in one `REPEATABLE READ READ ONLY` transaction, so the parts agree even
 //! while deductions and refunds commit.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Transaction};
@@ -121,7 +123,7 @@ async fn snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx:
 
 /// One page of consumption records, newest first (`created_at DESC, id DESC`), starting after
 /// the keyset position `after`, at most `limit` rows, each with its allocations.
-#[tracing::instrument(skip_all, fields(limit))]
+#[tracing::instrument(skip_all, fields(limit = limit))]
 pub async fn list_consumption(
     pool: &PgPool,
     filter: &ConsumptionFilter,
@@ -167,12 +169,14 @@ async fn attach_allocations(
     .fetch_all(conn)
     .await?;
     // Consumption ids are unique across users, so the id alone finds the row.
+    let index: HashMap<i64, usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(position, row)| (row.id, position))
+        .collect();
     for allocation in allocations {
-        if let Some(row) = rows
-            .iter_mut()
-            .find(|row| row.id == allocation.consumption_id)
-        {
-            row.allocations.push(allocation);
+        if let Some(&position) = index.get(&allocation.consumption_id) {
+            rows[position].allocations.push(allocation);
         }
     }
     Ok(())
@@ -219,7 +223,7 @@ const SUMS_COLUMNS: &str = "COUNT(*)::bigint AS records, \
     COUNT(DISTINCT user_id)::bigint AS distinct_users";
 
 /// The groups (at most `groups_max`, in report order) and the totals over the whole filter.
-#[tracing::instrument(skip_all, fields(?group_by))]
+#[tracing::instrument(skip_all, fields(group_by = ?group_by))]
 pub async fn consumption_statistics(
     pool: &PgPool,
     filter: &ConsumptionFilter,
@@ -325,7 +329,7 @@ pub struct EventFilter {
 }
 
 /// One page of the audit log, newest first by id, starting below the id `before`.
-#[tracing::instrument(skip_all, fields(limit))]
+#[tracing::instrument(skip_all, fields(limit = limit))]
 pub async fn list_events(
     pool: &PgPool,
     filter: &EventFilter,

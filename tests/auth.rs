@@ -252,6 +252,23 @@ async fn every_route_family_against_every_credential(pool: PgPool) {
             None,
             ok,
         ),
+        route(Admin, "GET", "/api/admin/billing/consumption", None, ok),
+        route(
+            Admin,
+            "GET",
+            "/api/admin/billing/consumption/statistics?group_by=action",
+            None,
+            ok,
+        ),
+        route(
+            Admin,
+            "GET",
+            "/api/admin/billing/consumption/export",
+            None,
+            ok,
+        ),
+        route(Admin, "GET", "/api/admin/billing/events", None, ok),
+        route(User, "GET", "/api/user/billing/consumption", None, ok),
         route(User, "GET", "/api/user/billing/credits", None, ok),
         route(User, "GET", "/api/user/billing/packages", None, ok),
     ];

@@ -288,47 +288,50 @@ fn package_shape(
     let limited = !package_type.is_unlimited();
     let expiring = matches!(package_type, PackageType::Hybrid | PackageType::Duration);
     let kind = package_type.as_str();
-    let credits_amount = match (limited, credits_amount) {
-        (true, Some(amount)) => Some(validate::within(
-            "credits_amount",
-            amount,
-            1..=validate::CREDITS_AMOUNT_MAX,
-        )?),
-        (true, None) => {
-            return Err(ApiError::invalid_field(
-                "credits_amount",
-                format!("is required for a {kind} package"),
-            ));
-        }
-        (false, Some(_)) => {
-            return Err(ApiError::invalid_field(
-                "credits_amount",
-                format!("must be null for a {kind} package (it is unlimited)"),
-            ));
-        }
-        (false, None) => None,
-    };
-    let duration_days = match (expiring, duration_days) {
-        (true, Some(days)) => Some(validate::within(
-            "duration_days",
-            days,
-            1..=validate::DURATION_DAYS_MAX,
-        )?),
-        (true, None) => {
-            return Err(ApiError::invalid_field(
-                "duration_days",
-                format!("is required for a {kind} package"),
-            ));
-        }
-        (false, Some(_)) => {
-            return Err(ApiError::invalid_field(
-                "duration_days",
-                format!("must be null for a {kind} package (it never expires)"),
-            ));
-        }
-        (false, None) => None,
-    };
+    let credits_amount = shape_field(
+        "credits_amount",
+        credits_amount,
+        limited.then_some(1..=validate::CREDITS_AMOUNT_MAX),
+        kind,
+        "it is unlimited",
+    )?;
+    let duration_days = shape_field(
+        "duration_days",
+        duration_days,
+        expiring.then_some(1..=validate::DURATION_DAYS_MAX),
+        kind,
+        "it never expires",
+    )?;
     Ok((credits_amount, duration_days))
+}
+
+/// One dimension of the 2 x 2: with a `range` the field is required and must lie in it;
+/// without one it must be null, and `why_null` says why.
+fn shape_field<T>(
+    field: &str,
+    value: Option<T>,
+    range: Option<std::ops::RangeInclusive<T>>,
+    kind: &str,
+    why_null: &str,
+) -> Result<Option<T>, ApiError>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    match (range, value) {
+        (Some(range), Some(value)) => validate::within(field, value, range).map(Some),
+        (Some(_), None) => Err(ApiError::invalid_field(
+            field,
+            format!(
+                "is required for {}",
+                without.split(" (").next().unwrap_or(&without)
+            ),
+        )),
+        (None, Some(_)) => Err(ApiError::invalid_field(
+            field,
+            format!("must be null for {without}"),
+        )),
+        (None, None) => Ok(None),
+    }
 }
 
 /// `GET /api/admin/billing/packages`: filters `package_type`, `visible`,

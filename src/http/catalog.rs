@@ -321,14 +321,11 @@ where
         (Some(range), Some(value)) => validate::within(field, value, range).map(Some),
         (Some(_), None) => Err(ApiError::invalid_field(
             field,
-            format!(
-                "is required for {}",
-                without.split(" (").next().unwrap_or(&without)
-            ),
+            format!("is required for a {kind} package"),
         )),
         (None, Some(_)) => Err(ApiError::invalid_field(
             field,
-            format!("must be null for {without}"),
+            format!("must be null for a {kind} package ({why_null})"),
         )),
         (None, None) => Ok(None),
     }

@@ -730,3 +730,52 @@ async fn users_see_their_own_credits_with_unlimited_grants_as_unlimited(pool: Pg
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(refused["error"]["field"], "user_id");
 }
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn a_revoke_racing_a_replayed_deduct_voids_what_the_database_holds(pool: PgPool) {
+    // A wallet that remembers one key: older keys are looked up by the writer, so a retry of
+    // one is taken from memory first and only found to be a replay at commit.
+    let credits = create_package(&pool, "credits", Some(40), None).await;
+    let mut settings = settings("postgres://unused");
+    settings.idempotency_cache_max = 1;
+    let clock = std::sync::Arc::new(credits_engine::clock::ManualClock::new(start_time()));
+    let app = credits_engine::app::App::build_with(pool.clone(), settings, clock.clone())
+        .await
+        .unwrap();
+    let engine = TestEngine {
+        router: app.router(),
+        app,
+        pool: pool.clone(),
+        clock,
+    };
+    let grant = engine.grant(11, credits, json!({})).await;
+    let first = json!({"user_id": 11, "action_key": "advanced_analysis", "idempotency_key": "k1"});
+    let (status, original) = engine.deduct(first.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = engine
+        .deduct(json!({"user_id": 11, "action_key": "ai_chat", "idempotency_key": "k2"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let revoke_path = format!("/api/admin/billing/user-packages/{grant}/revoke");
+    let ((status, replay), (revoke_status, revoked)) = tokio::join!(
+        engine.deduct(first.clone()),
+        engine.admin("POST", &revoke_path, None)
+    );
+    assert_eq!(revoke_status, StatusCode::OK, "{revoked}");
+    assert_eq!(revoked["remaining_credits"], 0);
+    // Nothing but the two real deductions was ever used; the rest is void, none lost.
+    assert_eq!(revoked["used_credits"], 4);
+    assert_eq!(revoked["expired_credits"], 36);
+    if status == StatusCode::OK {
+        assert_eq!(replay["replayed"], true);
+        assert_eq!(replay["consumption_id"], original["consumption_id"]);
+    } else {
+        assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{replay}");
+    }
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM consumption_records").await,
+        2
+    );
+    assert_ledger_balanced(&pool).await;
+}

@@ -128,7 +128,12 @@ pub struct Catalog {
     /// Admin writes take this around "commit, then reload", so two writes cannot swap in their
     /// snapshots out of order (an older snapshot replacing a newer one).
     writes: tokio::sync::Mutex<()>,
+    /// Set while a failed reload is being retried in the background.
+    retrying: std::sync::atomic::AtomicBool,
 }
+
+/// How often a failed reload after a committed write is retried.
+const RELOAD_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Catalog {
     pub async fn load(pool: &PgPool) -> Result<Catalog, sqlx::Error> {
@@ -147,6 +152,38 @@ impl Catalog {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot;
         Ok(())
+    }
+
+    /// Reloads after a committed write. A failure (the database went away right after the
+    /// commit) does not fail the write: the reload is retried in the background until it
+    /// succeeds, so the snapshot catches up by itself.
+    pub async fn reload_after_write(self: &Arc<Self>, pool: &PgPool) {
+        let Err(error) = self.reload(pool).await else {
+            return;
+        };
+        tracing::error!(%error, "catalog reload after a committed write failed; retrying");
+        if self
+            .retrying
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let catalog = self.clone();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RELOAD_RETRY_INTERVAL).await;
+                let _writes = catalog.lock_writes().await;
+                match catalog.reload(&pool).await {
+                    Ok(()) => break,
+                    Err(error) => tracing::warn!(%error, "catalog reload still failing"),
+                }
+            }
+            catalog
+                .retrying
+                .store(false, std::sync::atomic::Ordering::Release);
+            tracing::info!("catalog reloaded after earlier failures");
+        });
     }
 
     /// Held by an admin write from before its commit until its reload.

@@ -7,7 +7,10 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use sqlx::PgPool;
+use tracing::Instrument;
 
 use super::AppState;
 use super::error::ApiError;
@@ -69,11 +72,33 @@ fn package_not_found(id: i64) -> ApiError {
     ApiError::not_found("package_not_found", format!("no package {id}"))
 }
 
-/// Reloads the snapshot after a committed write (called with the write lock held).
-async fn reload(state: &AppState) -> Result<(), ApiError> {
-    state.catalog.reload(&state.pool).await.map_err(|error| {
-        tracing::error!(%error, "catalog reload after a committed write failed");
-        ApiError::from(error)
+/// Runs a catalog write and the snapshot reload after it under the write lock, on a task of
+/// its own: a client that hangs up cannot cancel it between the commit and the reload.
+async fn write_catalog<T, F, Fut>(state: &AppState, write: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(PgPool, DateTime<Utc>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, ApiError>> + Send + 'static,
+{
+    let catalog = state.catalog.clone();
+    let pool = state.pool.clone();
+    let now = state.clock.now();
+    let task = tokio::spawn(
+        async move {
+            let _writes = catalog.lock_writes().await;
+            let written = write(pool.clone(), now).await?;
+            catalog.reload_after_write(&pool).await;
+            Ok(written)
+        }
+        .instrument(tracing::Span::current()),
+    );
+    task.await.unwrap_or_else(|error| {
+        tracing::error!(%error, "a catalog write task failed");
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the change could not be completed; read it back before retrying",
+        ))
     })
 }
 
@@ -107,18 +132,19 @@ pub async fn create_price(
         .ok_or_else(|| ApiError::invalid_field("action_key", "is required"))?;
     let action_key = validate::action_key(&action_key)?.to_owned();
     let fields = body.merge(None)?;
-    let _writes = state.catalog.lock_writes().await;
-    let row = catalog::insert_action_price(&state.pool, &action_key, &fields, state.clock.now())
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "duplicate_action_key",
-                format!("the action {action_key:?} already exists"),
-            )
-            .with("field", "action_key")
-        })?;
-    reload(&state).await?;
+    let row = write_catalog(&state, move |pool, now| async move {
+        catalog::insert_action_price(&pool, &action_key, &fields, now)
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "duplicate_action_key",
+                    format!("the action {action_key:?} already exists"),
+                )
+                .with("field", "action_key")
+            })
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(row)))
 }
 
@@ -140,13 +166,12 @@ pub async fn update_price(
             "cannot be changed; create a new action instead",
         ));
     }
-    let _writes = state.catalog.lock_writes().await;
-    let row = catalog::update_action_price(&state.pool, &action_key, state.clock.now(), |row| {
-        body.merge(Some(row))
+    let row = write_catalog(&state, move |pool, now| async move {
+        catalog::update_action_price(&pool, &action_key, now, |row| body.merge(Some(row)))
+            .await?
+            .ok_or_else(|| unknown_action(&action_key))
     })
-    .await?
-    .ok_or_else(|| unknown_action(&action_key))?;
-    reload(&state).await?;
+    .await?;
     Ok(Json(row))
 }
 
@@ -163,16 +188,17 @@ pub async fn set_price_status(
     Path(action_key): Path<String>,
     ApiJson(body): ApiJson<StatusBody>,
 ) -> Result<Json<ActionPriceRow>, ApiError> {
-    let _writes = state.catalog.lock_writes().await;
-    let row = catalog::update_action_price(&state.pool, &action_key, state.clock.now(), |row| {
-        Ok::<_, ApiError>(PriceFields {
-            enabled: body.enabled,
-            ..PriceFields::of(row)
+    let row = write_catalog(&state, move |pool, now| async move {
+        catalog::update_action_price(&pool, &action_key, now, |row| {
+            Ok::<_, ApiError>(PriceFields {
+                enabled: body.enabled,
+                ..PriceFields::of(row)
+            })
         })
+        .await?
+        .ok_or_else(|| unknown_action(&action_key))
     })
-    .await?
-    .ok_or_else(|| unknown_action(&action_key))?;
-    reload(&state).await?;
+    .await?;
     Ok(Json(row))
 }
 
@@ -384,9 +410,10 @@ pub async fn create_package(
     ApiJson(body): ApiJson<PackageBody>,
 ) -> Result<(StatusCode, Json<PackageRow>), ApiError> {
     let fields = body.merge(None)?;
-    let _writes = state.catalog.lock_writes().await;
-    let row = catalog::insert_package(&state.pool, &fields, state.clock.now()).await?;
-    reload(&state).await?;
+    let row = write_catalog(&state, move |pool, now| async move {
+        Ok(catalog::insert_package(&pool, &fields, now).await?)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(row)))
 }
 
@@ -410,13 +437,12 @@ pub async fn update_package(
     ApiJson(body): ApiJson<PackageBody>,
 ) -> Result<Json<PackageRow>, ApiError> {
     let id = path_id("id", &id)?;
-    let _writes = state.catalog.lock_writes().await;
-    let row = catalog::update_package(&state.pool, id, state.clock.now(), |row| {
-        body.merge(Some(row))
+    let row = write_catalog(&state, move |pool, now| async move {
+        catalog::update_package(&pool, id, now, |row| body.merge(Some(row)))
+            .await?
+            .ok_or_else(|| package_not_found(id))
     })
-    .await?
-    .ok_or_else(|| package_not_found(id))?;
-    reload(&state).await?;
+    .await?;
     Ok(Json(row))
 }
 
@@ -434,16 +460,17 @@ pub async fn set_package_visibility(
     ApiJson(body): ApiJson<VisibilityBody>,
 ) -> Result<Json<PackageRow>, ApiError> {
     let id = path_id("id", &id)?;
-    let _writes = state.catalog.lock_writes().await;
-    let row = catalog::update_package(&state.pool, id, state.clock.now(), |row| {
-        Ok::<_, ApiError>(PackageFields {
-            visible: body.visible,
-            ..PackageFields::of(row)
+    let row = write_catalog(&state, move |pool, now| async move {
+        catalog::update_package(&pool, id, now, |row| {
+            Ok::<_, ApiError>(PackageFields {
+                visible: body.visible,
+                ..PackageFields::of(row)
+            })
         })
+        .await?
+        .ok_or_else(|| package_not_found(id))
     })
-    .await?
-    .ok_or_else(|| package_not_found(id))?;
-    reload(&state).await?;
+    .await?;
     Ok(Json(row))
 }
 
@@ -454,12 +481,14 @@ pub async fn delete_package(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = path_id("id", &id)?;
-    let _writes = state.catalog.lock_writes().await;
-    let found = catalog::delete_package(&state.pool, id, state.clock.now()).await?;
-    if !found {
-        return Err(package_not_found(id));
-    }
-    reload(&state).await?;
+    write_catalog(&state, move |pool, now| async move {
+        if catalog::delete_package(&pool, id, now).await? {
+            Ok(())
+        } else {
+            Err(package_not_found(id))
+        }
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

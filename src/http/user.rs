@@ -22,6 +22,9 @@ pub struct CreditSummary {
     /// True while an unlimited grant is active: deductions succeed whatever the total says.
     unlimited: bool,
     grants: Vec<GrantSummary>,
+    /// True when the user holds more live grants than one summary reads
+    /// (`SUMMARY_GRANTS_MAX`); the totals then cover only the oldest of them.
+    truncated: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -50,7 +53,9 @@ pub async fn credits(
 ) -> Result<Json<CreditSummary>, ApiError> {
     params.allow(&[])?;
     let now = state.clock.now();
-    let rows = store::live_grants(&state.pool, principal.user_id).await?;
+    let mut rows = store::live_grants(&state.pool, principal.user_id).await?;
+    let truncated = rows.len() as i64 > store::SUMMARY_GRANTS_MAX;
+    rows.truncate(usize::try_from(store::SUMMARY_GRANTS_MAX).unwrap_or(usize::MAX));
     let mut grants = Vec::with_capacity(rows.len());
     let mut wallet = Vec::with_capacity(rows.len());
     for row in rows {
@@ -86,6 +91,7 @@ pub async fn credits(
         remaining_credits: totals.remaining_credits.get(),
         unlimited: totals.unlimited,
         grants,
+        truncated,
     }))
 }
 
@@ -104,5 +110,11 @@ pub async fn packages(
         )?,
         ..GrantFilter::default()
     };
-    grant_page(&state, &filter, &params).await
+    let Json(mut page) = grant_page(&state, &filter, &params).await?;
+    // Operators' notes and payment references are theirs, not the customer's.
+    for row in &mut page.items {
+        row.grant.note = None;
+        row.grant.external_ref = None;
+    }
+    Ok(Json(page))
 }

@@ -558,7 +558,7 @@ pub async fn list_grants(
 }
 
 /// The grants that can pay or be activated (pending, active, depleted), with package names,
-/// in id order; at most `SUMMARY_GRANTS_MAX`.
+/// in id order; at most `SUMMARY_GRANTS_MAX` + 1, so the caller can tell it was cut.
 pub async fn live_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error> {
     let columns = grant_columns_of("g");
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -568,7 +568,7 @@ pub async fn live_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<GrantList
          ORDER BY g.id LIMIT $2"
     )))
     .bind(user_id.get())
-    .bind(SUMMARY_GRANTS_MAX)
+    .bind(SUMMARY_GRANTS_MAX + 1)
     .fetch_all(pool)
     .await
 }

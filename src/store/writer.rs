@@ -84,8 +84,7 @@ pub struct RefundEffect {
 }
 
 /// An operator's change to one grant. It goes through the writer, not straight to the table, so
-/// it commits after the deductions its wallet handed over before it and its voided credits are
-/// computed on the same memory they were.
+/// it commits after the deductions its wallet handed over before it.
 #[derive(Debug)]
 pub struct GrantEffect {
     pub user_id: UserId,
@@ -98,9 +97,9 @@ pub struct GrantEffect {
 #[derive(Clone, Debug)]
 pub enum GrantChange {
     Activate(Activation),
-    /// `voided` is what remained in the wallet's memory when it revoked the grant.
+    /// Whatever remains in the database when the change commits is voided. Not the wallet's
+    /// figure: memory may be ahead of the database by a deduction that turns out to be a replay.
     Revoke {
-        voided: Credits,
         reason: Option<String>,
     },
 }
@@ -250,7 +249,8 @@ async fn process(pool: &PgPool, ids: &mut IdBlock, batch: Vec<Envelope>) {
                     envelope.origin.invalidate();
                 }
                 for envelope in live {
-                    fail(envelope, error.caller_message(), &mut reports);
+                    let message = error.caller_message(&envelope.effect);
+                    fail(envelope, message, &mut reports);
                 }
             }
         }
@@ -636,11 +636,11 @@ async fn commit(
 
     for (envelope, applied) in batch.iter().zip(applied.iter_mut()) {
         if let Effect::Grant(effect) = &envelope.effect {
-            let row = write_grant_change(&mut tx, effect).await?;
+            let (row, voided) = write_grant_change(&mut tx, effect).await?;
             events.push(
                 effect.change.event_kind(),
                 effect.user_id,
-                effect.change.event_payload(&row),
+                effect.change.event_payload(&row, voided),
                 effect.at,
             );
             *applied = Applied::GrantChanged(Box::new(row));
@@ -665,11 +665,17 @@ enum CommitError {
 }
 
 impl CommitError {
-    fn caller_message(&self) -> &'static str {
-        match self {
-            CommitError::RolledBack(_) => "the write did not commit; nothing was charged",
-            CommitError::Unknown(_) => {
-                "the write's outcome is unknown; retry with the same idempotency_key"
+    fn caller_message(&self, effect: &Effect) -> &'static str {
+        match (self, effect) {
+            (CommitError::RolledBack(_), _) => "the write did not commit; nothing was changed",
+            (CommitError::Unknown(_), Effect::Deduct(_)) => {
+                "the deduction's outcome is unknown; retry with the same idempotency_key"
+            }
+            (CommitError::Unknown(_), Effect::Refund(_)) => {
+                "the refund's outcome is unknown; retry it (a repeat is answered as a replay)"
+            }
+            (CommitError::Unknown(_), Effect::Grant(_)) => {
+                "the change's outcome is unknown; read the user package before retrying"
             }
         }
     }
@@ -683,7 +689,7 @@ impl GrantChange {
         }
     }
 
-    fn event_payload(&self, row: &UserPackageRow) -> serde_json::Value {
+    fn event_payload(&self, row: &UserPackageRow, voided: i64) -> serde_json::Value {
         match self {
             GrantChange::Activate(activation) => json!({
                 "user_package_id": row.id,
@@ -691,7 +697,7 @@ impl GrantChange {
                 "activated_at": activation.activated_at,
                 "expires_at": activation.expires_at,
             }),
-            GrantChange::Revoke { voided, reason } => json!({
+            GrantChange::Revoke { reason } => json!({
                 "user_package_id": row.id,
                 "package_id": row.package_id,
                 "voided_credits": voided,
@@ -701,51 +707,59 @@ impl GrantChange {
     }
 }
 
-/// Applies one grant change and returns the grant's row as it now stands. The status guard
-/// makes a change the database does not expect fail the batch: the wallet then reloads.
+/// Applies one grant change and returns the grant's row as it now stands, with the credits it
+/// voided. The status guard makes a change the database does not expect fail the batch: the
+/// wallet then reloads.
 async fn write_grant_change(
     tx: &mut sqlx::PgConnection,
     effect: &GrantEffect,
-) -> Result<UserPackageRow, sqlx::Error> {
+) -> Result<(UserPackageRow, i64), sqlx::Error> {
     let columns = store::USER_PACKAGE_COLUMNS;
-    let query = match &effect.change {
-        GrantChange::Activate(activation) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "UPDATE user_packages
-             SET status = CASE WHEN unlimited OR remaining_credits > 0 THEN 'active' ELSE 'depleted' END,
-                 activated_at = $3, expires_at = $4, updated_at = $5
-             WHERE user_id = $1 AND id = $2 AND status = 'pending'
-             RETURNING {columns}"
-        )))
-        .bind(effect.user_id.get())
-        .bind(effect.grant_id.get())
-        .bind(activation.activated_at)
-        .bind(activation.expires_at)
-        .bind(effect.at),
-        GrantChange::Revoke { voided, .. } => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "UPDATE user_packages
-             SET status = 'revoked',
-                 remaining_credits = CASE WHEN unlimited THEN 0 ELSE remaining_credits - $3 END,
-                 expired_credits = CASE WHEN unlimited THEN 0 ELSE expired_credits + $3 END,
-                 updated_at = $4
-             WHERE user_id = $1 AND id = $2 AND status IN ('pending', 'active', 'depleted')
-             RETURNING {columns}"
-        )))
-        .bind(effect.user_id.get())
-        .bind(effect.grant_id.get())
-        .bind(voided.get())
-        .bind(effect.at),
+    let (query, voided) = match &effect.change {
+        GrantChange::Activate(activation) => {
+            let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE user_packages
+                 SET status = CASE WHEN unlimited OR remaining_credits > 0 THEN 'active' ELSE 'depleted' END,
+                     activated_at = $3, expires_at = $4, updated_at = $5
+                 WHERE user_id = $1 AND id = $2 AND status = 'pending'
+                 RETURNING {columns}"
+            )))
+            .bind(effect.user_id.get())
+            .bind(effect.grant_id.get())
+            .bind(activation.activated_at)
+            .bind(activation.expires_at)
+            .bind(effect.at);
+            (query, 0)
+        }
+        GrantChange::Revoke { .. } => {
+            // Locks the row: what it holds now is what is voided.
+            let remaining: Option<i64> = sqlx::query_scalar(
+                "SELECT remaining_credits FROM user_packages
+                 WHERE user_id = $1 AND id = $2 AND status IN ('pending', 'active', 'depleted')
+                 FOR UPDATE",
+            )
+            .bind(effect.user_id.get())
+            .bind(effect.grant_id.get())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE user_packages
+                 SET status = 'revoked',
+                     expired_credits = expired_credits + remaining_credits,
+                     remaining_credits = 0,
+                     updated_at = $3
+                 WHERE user_id = $1 AND id = $2 AND status IN ('pending', 'active', 'depleted')
+                 RETURNING {columns}"
+            )))
+            .bind(effect.user_id.get())
+            .bind(effect.grant_id.get())
+            .bind(effect.at);
+            (query, remaining.unwrap_or(0))
+        }
     };
     let row: Option<UserPackageRow> = query.fetch_optional(&mut *tx).await?;
     let row = row.ok_or_else(|| protocol("a grant change found the grant in another status"))?;
-    if !row.unlimited
-        && row.remaining_credits != 0
-        && matches!(effect.change, GrantChange::Revoke { .. })
-    {
-        return Err(protocol(
-            "a revoked grant kept credits the wallet did not know of",
-        ));
-    }
-    Ok(row)
+    Ok((row, voided))
 }
 
 /// Marks the consumptions refunded and records, per allocation, what came back and what was

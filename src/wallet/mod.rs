@@ -167,8 +167,8 @@ impl Actor for Wallet {
                 reply,
             } => {
                 let change = move |grant: &mut Grant| {
-                    let voided = grant.end(GrantStatus::Revoked);
-                    Ok(GrantChange::Revoke { voided, reason })
+                    grant.end(GrantStatus::Revoked);
+                    Ok(GrantChange::Revoke { reason })
                 };
                 state
                     .change_grant(&myself, grant_id, "revoked", change, reply)
@@ -465,8 +465,9 @@ impl WalletState {
     }
 
     async fn assign(&mut self, request: AssignRequest) -> Result<AssignAnswer, EngineError> {
+        self.ensure_fresh().await?;
         let now = self.deps.clock.now();
-        let (row, created) = store::insert_grant(
+        let inserted = store::insert_grant(
             &self.deps.pool,
             self.user_id,
             &request.grant,
@@ -474,8 +475,19 @@ impl WalletState {
             request.note.as_deref(),
             now,
         )
-        .await?;
-        if let Some(grant) = row.to_grant().filter(|_| created) {
+        .await;
+        let (row, created) = inserted.inspect_err(|_| self.reload_soon())?;
+        // A repeated external_ref returns the first grant; if an earlier attempt's commit was
+        // lost to us (its outcome unknown), memory may lack it: adopt it now.
+        let known = self.grants.iter().any(|grant| grant.id.get() == row.id);
+        if !known
+            && let Some(grant) = row.to_grant().filter(|grant| {
+                matches!(
+                    grant.status,
+                    GrantStatus::Pending | GrantStatus::Active | GrantStatus::Depleted
+                )
+            })
+        {
             self.grants.push(grant);
             domain::sort_burn_order(&mut self.grants);
         }
@@ -483,6 +495,12 @@ impl WalletState {
             user_package: row,
             created,
         })
+    }
+
+    /// A direct write failed, maybe after committing: reload before the next request is served
+    /// (effects already handed to the writer are failed unwritten, as after a failed batch).
+    fn reload_soon(&self) {
+        self.epoch_cell.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Applies an operator's change to one grant in memory and hands it to the writer, behind
@@ -552,8 +570,11 @@ impl WalletState {
 
     async fn register(&mut self, grants: Vec<NewGrant>) -> Result<RegisterAnswer, EngineError> {
         let now = self.deps.clock.now();
+        self.ensure_fresh().await?;
         let (newly_registered, rows) =
-            store::register_user(&self.deps.pool, self.user_id, &grants, now).await?;
+            store::register_user(&self.deps.pool, self.user_id, &grants, now)
+                .await
+                .inspect_err(|_| self.reload_soon())?;
         self.grants
             .extend(rows.iter().filter_map(UserPackageRow::to_grant));
         domain::sort_burn_order(&mut self.grants);

@@ -31,7 +31,7 @@
 //! - [`wallet`]: the per-user actor and its messages.
 //! - [`registry`]: finds or spawns wallets.
 //! - [`store`]: every SQL statement; [`store::writer`] is the group-commit writer.
-//! - [`http`]: the router, one module per surface, and the error body.
+//! - [`http`]: the router, one module per surface, the error body, and the OpenAPI document.
 //! - [`app`]: wiring and shutdown order; [`config`]: flags and environment.
 
 pub mod app;

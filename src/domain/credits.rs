@@ -3,7 +3,18 @@ use serde::{Deserialize, Serialize};
 /// An amount of credits: never negative, and every operation on it is checked, so an overflow
 /// or an overdraw is an error the caller must handle instead of a silent wrap.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(try_from = "i64", into = "i64")]
 pub struct Credits(i64);

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{Balance, Credits, Grant, GrantStatus, UserPackageId};
 
 /// Credits one grant paid (or gets back).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Allocation {
     pub user_package_id: UserPackageId,
     pub credits: Credits,

@@ -5,9 +5,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, path_id};
 use super::query::{List, Params, id_cursor};
 use super::validate;
@@ -15,13 +16,16 @@ use crate::domain::{GrantSource, NewGrant, PackageId, UserId, UserPackageId};
 use crate::store::{self, GrantFilter, GrantListRow, UserPackageRow};
 use crate::wallet::{AssignRequest, WalletMsg};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AssignBody {
     user_id: i64,
     package_id: i64,
+    /// One of purchase, gift, promotion, system.
     source: String,
+    /// The package's priority when left out.
     priority: Option<i32>,
+    /// Overrides the package's `duration_days`; must be in the future.
     expires_at: Option<DateTime<Utc>>,
     note: Option<String>,
     external_ref: Option<String>,
@@ -31,6 +35,22 @@ pub struct AssignBody {
 
 /// `POST /api/admin/billing/user-packages`: gives a user a package. The same `external_ref`
 /// twice assigns once (`200` with the first grant instead of `201`).
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/user-packages",
+    tag = "admin",
+    security(("jwt" = [])),
+    request_body = AssignBody,
+    responses(
+        (status = 201, description = "The new grant", body = UserPackageRow),
+        (status = 200, description = "The grant assigned before with this `external_ref`", body = UserPackageRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`package_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_id = body.user_id, package_id = body.package_id))]
 pub async fn assign_user_package(
     State(state): State<AppState>,
@@ -104,6 +124,24 @@ async fn grant_by_id(state: &AppState, segment: &str) -> Result<UserPackageRow, 
 
 /// `POST /api/admin/billing/user-packages/{id}/activate`: a pending grant starts now and
 /// expires `duration_days` later (or at the expiry fixed when it was assigned).
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/user-packages/{id}/activate",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("id" = i64, Path, description = "The user package's (grant's) id"),
+    ),
+    responses(
+        (status = 200, description = "The grant, now active", body = UserPackageRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`user_package_not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_user_package_status`, or `user_package_expiry_passed`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_package_id = %id))]
 pub async fn activate_user_package(
     State(state): State<AppState>,
@@ -123,7 +161,7 @@ pub async fn activate_user_package(
     Ok(Json(answer))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeBody {
     reason: Option<String>,
@@ -131,6 +169,25 @@ pub struct RevokeBody {
 
 /// `POST /api/admin/billing/user-packages/{id}/revoke`: the grant ends now; its remaining
 /// credits are void and recorded as expired credits. The body (`reason`) is optional.
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/user-packages/{id}/revoke",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("id" = i64, Path, description = "The user package's (grant's) id"),
+    ),
+    request_body = Option<RevokeBody>,
+    responses(
+        (status = 200, description = "The grant, now revoked", body = UserPackageRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`user_package_not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_user_package_status`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_package_id = %id))]
 pub async fn revoke_user_package(
     State(state): State<AppState>,
@@ -161,6 +218,25 @@ const GRANT_STATUSES: &[&str] = &["pending", "active", "depleted", "expired", "r
 
 /// `GET /api/admin/users/{user_id}/billing-packages`: the user's grants, newest first
 /// (`status` filters).
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/{user_id}/billing-packages",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("user_id" = i64, Path, description = "The user's id"),
+        ("status" = Option<String>, Query, description = "One of pending, active, depleted, expired, revoked"),
+        ("limit" = Option<i64>, Query, description = "Items per page, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of the user's grants, newest first", body = List<GrantListRow>),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 pub async fn list_user_packages(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
@@ -178,6 +254,27 @@ pub async fn list_user_packages(
 
 /// `GET /api/admin/billing/packages/{id}/users`: who holds grants of a package, newest first
 /// (`status`, `user_id` filter). A deleted package still lists its grants.
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/packages/{id}/users",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("id" = i64, Path, description = "The package's id"),
+        ("status" = Option<String>, Query, description = "One of pending, active, depleted, expired, revoked"),
+        ("user_id" = Option<i64>, Query, description = "Only this user's grants"),
+        ("limit" = Option<i64>, Query, description = "Items per page, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of the package's grants, newest first", body = List<GrantListRow>),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`package_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 pub async fn list_package_users(
     State(state): State<AppState>,
     Path(id): Path<String>,

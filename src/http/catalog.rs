@@ -11,9 +11,10 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sqlx::PgPool;
 use tracing::Instrument;
+use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Patch, path_id};
 use super::query::{List, Params, key_cursor, key_id_cursor};
 use super::validate;
@@ -22,18 +23,26 @@ use crate::store::catalog::{self, PackageFields, PackageFilter, PackageSort, Pri
 use crate::store::{ActionPriceRow, PackageRow};
 
 /// The body of creating or changing an action price. On `PUT`, left-out fields keep their values.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceBody {
     /// Required on create; on `PUT` it may repeat the path's key, nothing else.
     action_key: Option<String>,
+    /// Required on create.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     name: Patch<String>,
+    /// `null` clears it.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     description: Patch<String>,
+    /// Credits per unit; required on create.
     #[serde(default)]
+    #[schema(value_type = Option<i64>)]
     credits_cost: Patch<i64>,
+    /// `true` when left out on create.
     #[serde(default)]
+    #[schema(value_type = Option<bool>)]
     enabled: Patch<bool>,
 }
 
@@ -103,6 +112,24 @@ where
 }
 
 /// `GET /api/admin/billing/action-prices`: every action price by key (`enabled` filters).
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/action-prices",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("enabled" = Option<bool>, Query, description = "Only enabled (`true`) or disabled (`false`) actions"),
+        ("limit" = Option<i64>, Query, description = "Items per page, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of action prices, by key", body = List<ActionPriceRow>),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 pub async fn list_prices(
     State(state): State<AppState>,
     params: Params,
@@ -121,6 +148,21 @@ pub async fn list_prices(
 
 /// `POST /api/admin/billing/action-prices`: `201` with the price at version 1; a taken key is
 /// `409 duplicate_action_key`.
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/action-prices",
+    tag = "admin",
+    security(("jwt" = [])),
+    request_body = PriceBody,
+    responses(
+        (status = 201, description = "The price, at version 1", body = ActionPriceRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 409, description = "`duplicate_action_key`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all)]
 pub async fn create_price(
     State(state): State<AppState>,
@@ -150,6 +192,24 @@ pub async fn create_price(
 
 /// `PUT /api/admin/billing/action-prices/{action_key}`: changes the named fields; the version
 /// goes up by one.
+#[utoipa::path(
+    put,
+    path = "/api/admin/billing/action-prices/{action_key}",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("action_key" = String, Path, description = "The action's key"),
+    ),
+    request_body = PriceBody,
+    responses(
+        (status = 200, description = "The price, its version one higher", body = ActionPriceRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`unknown_action`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(action_key = %action_key))]
 pub async fn update_price(
     State(state): State<AppState>,
@@ -175,13 +235,31 @@ pub async fn update_price(
     Ok(Json(row))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusBody {
     enabled: bool,
 }
 
 /// `PATCH /api/admin/billing/action-prices/{action_key}/status`: enables or disables an action.
+#[utoipa::path(
+    patch,
+    path = "/api/admin/billing/action-prices/{action_key}/status",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("action_key" = String, Path, description = "The action's key"),
+    ),
+    request_body = StatusBody,
+    responses(
+        (status = 200, description = "The price", body = ActionPriceRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`unknown_action`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(action_key = %action_key))]
 pub async fn set_price_status(
     State(state): State<AppState>,
@@ -204,30 +282,41 @@ pub async fn set_price_status(
 
 /// The body of creating or changing a package. On `PUT`, left-out fields keep their values and
 /// `null` clears a nullable one (for example `credits_amount` when a package becomes `duration`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PackageBody {
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     name: Patch<String>,
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     description: Patch<String>,
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     package_type: Patch<String>,
     #[serde(default)]
+    #[schema(value_type = Option<i64>)]
     credits_amount: Patch<i64>,
     #[serde(default)]
+    #[schema(value_type = Option<i32>)]
     duration_days: Patch<i32>,
     #[serde(default)]
+    #[schema(value_type = Option<i64>)]
     price_cents: Patch<i64>,
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     currency: Patch<String>,
     #[serde(default)]
+    #[schema(value_type = Option<i32>)]
     priority: Patch<i32>,
     #[serde(default)]
+    #[schema(value_type = Option<bool>)]
     visible: Patch<bool>,
     #[serde(default)]
+    #[schema(value_type = Option<bool>)]
     assign_to_new_users: Patch<bool>,
     #[serde(default)]
+    #[schema(value_type = Option<i32>)]
     sort_order: Patch<i32>,
 }
 
@@ -360,6 +449,29 @@ where
 /// `GET /api/admin/billing/packages`: filters `package_type`, `visible`,
 /// `assign_to_new_users`, `include_deleted`; `sort` (sort_order, id, credits_amount,
 /// price_cents) and `order` (asc, desc).
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/packages",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("package_type" = Option<String>, Query, description = "One of credits, hybrid, duration, permanent"),
+        ("visible" = Option<bool>, Query, description = "Only visible (`true`) or hidden (`false`) packages"),
+        ("assign_to_new_users" = Option<bool>, Query, description = "Only packages that are (or are not) given to new users"),
+        ("include_deleted" = Option<bool>, Query, description = "Also deleted packages (default false)"),
+        ("sort" = Option<String>, Query, description = "One of sort_order (the default), id, credits_amount, price_cents"),
+        ("order" = Option<String>, Query, description = "asc (the default) or desc"),
+        ("limit" = Option<i64>, Query, description = "Items per page, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of packages", body = List<PackageRow>),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 pub async fn list_packages(
     State(state): State<AppState>,
     params: Params,
@@ -404,6 +516,20 @@ pub async fn list_packages(
 }
 
 /// `POST /api/admin/billing/packages`: `201` with the package.
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/packages",
+    tag = "admin",
+    security(("jwt" = [])),
+    request_body = PackageBody,
+    responses(
+        (status = 201, description = "The package", body = PackageRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all)]
 pub async fn create_package(
     State(state): State<AppState>,
@@ -418,6 +544,23 @@ pub async fn create_package(
 }
 
 /// `GET /api/admin/billing/packages/{id}`: also a deleted package (with its `deleted_at`).
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/packages/{id}",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("id" = i64, Path, description = "The package's id"),
+    ),
+    responses(
+        (status = 200, description = "The package", body = PackageRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`package_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 pub async fn get_package(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -430,6 +573,24 @@ pub async fn get_package(
 }
 
 /// `PUT /api/admin/billing/packages/{id}`: a deleted package is `404`.
+#[utoipa::path(
+    put,
+    path = "/api/admin/billing/packages/{id}",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("id" = i64, Path, description = "The package's id"),
+    ),
+    request_body = PackageBody,
+    responses(
+        (status = 200, description = "The package", body = PackageRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`package_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(package_id = %id))]
 pub async fn update_package(
     State(state): State<AppState>,
@@ -446,13 +607,31 @@ pub async fn update_package(
     Ok(Json(row))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VisibilityBody {
     visible: bool,
 }
 
 /// `PATCH /api/admin/billing/packages/{id}/visibility`.
+#[utoipa::path(
+    patch,
+    path = "/api/admin/billing/packages/{id}/visibility",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("id" = i64, Path, description = "The package's id"),
+    ),
+    request_body = VisibilityBody,
+    responses(
+        (status = 200, description = "The package", body = PackageRow),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`package_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(package_id = %id))]
 pub async fn set_package_visibility(
     State(state): State<AppState>,
@@ -475,6 +654,23 @@ pub async fn set_package_visibility(
 }
 
 /// `DELETE /api/admin/billing/packages/{id}`: soft; `204` (also when already deleted).
+#[utoipa::path(
+    delete,
+    path = "/api/admin/billing/packages/{id}",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("id" = i64, Path, description = "The package's id"),
+    ),
+    responses(
+        (status = 204, description = "Deleted (also when it already was)"),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The JWT lacks `role: admin`", body = ErrorBody),
+        (status = 404, description = "`package_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(package_id = %id))]
 pub async fn delete_package(
     State(state): State<AppState>,
@@ -493,7 +689,7 @@ pub async fn delete_package(
 }
 
 /// What the public sees of an action price.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, ToSchema)]
 pub struct PublicPrice {
     action_key: String,
     name: String,
@@ -502,6 +698,15 @@ pub struct PublicPrice {
 }
 
 /// `GET /api/billing/action-prices`: enabled actions and their costs, from the snapshot.
+#[utoipa::path(
+    get,
+    path = "/api/billing/action-prices",
+    tag = "public",
+    responses(
+        (status = 200, description = "Every enabled action, on one page", body = List<PublicPrice>),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+    ),
+)]
 pub async fn public_prices(
     State(state): State<AppState>,
     params: Params,
@@ -524,7 +729,7 @@ pub async fn public_prices(
 }
 
 /// What the public sees of a package.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, ToSchema)]
 pub struct PublicPackage {
     id: i64,
     name: String,
@@ -538,6 +743,15 @@ pub struct PublicPackage {
 }
 
 /// `GET /api/billing/packages`: visible, not deleted packages in `sort_order`, from the snapshot.
+#[utoipa::path(
+    get,
+    path = "/api/billing/packages",
+    tag = "public",
+    responses(
+        (status = 200, description = "Every visible package, on one page", body = List<PublicPackage>),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+    ),
+)]
 pub async fn public_packages(
     State(state): State<AppState>,
     params: Params,

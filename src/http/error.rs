@@ -4,7 +4,9 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use crate::error::EngineError;
 
@@ -106,13 +108,39 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// The body of every error answer (and its schema in the OpenAPI document).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorObject {
+    /// Stable and machine-readable, for example `invalid_field` or `package_not_found`.
+    pub code: &'static str,
+    /// For people; its wording may change.
+    pub message: String,
+    /// The offending field (of `invalid_field`, and some `404`s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, required = false)]
+    pub field: Option<Value>,
+    /// Further details of some codes, for example `retryable` (on `503`), or
+    /// `remaining_credits` and `credits_cost` (on `insufficient_credits`).
+    #[serde(flatten)]
+    pub details: Map<String, Value>,
+}
+
 impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut body = Map::new();
-        body.insert("code".into(), self.code.into());
-        body.insert("message".into(), self.message.into());
-        body.extend(self.details);
-        let mut response = (self.status, Json(json!({ "error": body }))).into_response();
+    fn into_response(mut self) -> Response {
+        let body = ErrorBody {
+            error: ErrorObject {
+                code: self.code,
+                field: self.details.remove("field"),
+                message: self.message,
+                details: self.details,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

@@ -6,37 +6,44 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::ApiJson;
 use super::validate;
 use crate::domain::{ConsumptionId, Credits};
 use crate::error::EngineError;
 use crate::store;
 use crate::wallet::{
-    CheckAnswer, DeductAnswer, DeductRequest, RefundAnswer, RefundRequest, RefundTarget, WalletMsg,
+    CheckAnswer, DeductAnswer, DeductRequest, RefundAnswer, RefundRequest, RefundTarget,
+    RegisterAnswer, WalletMsg,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckBody {
     user_id: i64,
     action_key: String,
+    /// Units of the action; 1 when left out.
     quantity: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeductBody {
     user_id: i64,
     action_key: String,
+    /// Units of the action; 1 when left out.
     quantity: Option<i64>,
+    /// Unique per user: a retry with the same key and request replays the first answer.
     idempotency_key: Option<String>,
+    /// Any JSON object, stored with the consumption.
     metadata: Option<Value>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Names the deduction to refund: `consumption_id` alone, or `user_id` with `idempotency_key`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefundBody {
     consumption_id: Option<i64>,
@@ -87,6 +94,22 @@ fn fingerprint(action_key: &str, quantity: i64, metadata: Option<&Value>) -> Str
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
+/// Whether the user can pay for an action now; nothing is deducted.
+#[utoipa::path(
+    post,
+    path = "/api/internal/billing/credits/check",
+    tag = "internal",
+    security(("service_token" = [])),
+    request_body = CheckBody,
+    responses(
+        (status = 200, description = "What the action costs and what the user has", body = CheckAnswer),
+        (status = 401, description = "No or an unknown service token", body = ErrorBody),
+        (status = 404, description = "`unknown_action`", body = ErrorBody),
+        (status = 409, description = "`action_disabled`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
 pub async fn check(
     State(state): State<AppState>,
@@ -106,6 +129,23 @@ pub async fn check(
     Ok(Json(answer))
 }
 
+/// Charges the user for an action; the `200` is sent once the deduction is committed.
+#[utoipa::path(
+    post,
+    path = "/api/internal/billing/credits/deduct",
+    tag = "internal",
+    security(("service_token" = [])),
+    request_body = DeductBody,
+    responses(
+        (status = 200, description = "Deducted (or replayed, for a repeated idempotency key)", body = DeductAnswer),
+        (status = 401, description = "No or an unknown service token", body = ErrorBody),
+        (status = 402, description = "`insufficient_credits`; nothing was deducted", body = ErrorBody),
+        (status = 404, description = "`unknown_action`", body = ErrorBody),
+        (status = 409, description = "`action_disabled`, or `idempotency_conflict` (the key was used for another request)", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
 pub async fn deduct(
     State(state): State<AppState>,
@@ -134,6 +174,21 @@ pub async fn deduct(
     Ok(Json(answer))
 }
 
+/// Gives a deduction's credits back to the grants they came from.
+#[utoipa::path(
+    post,
+    path = "/api/internal/billing/credits/refund",
+    tag = "internal",
+    security(("service_token" = [])),
+    request_body = RefundBody,
+    responses(
+        (status = 200, description = "Refunded (or replayed, for a refund made before)", body = RefundAnswer),
+        (status = 401, description = "No or an unknown service token", body = ErrorBody),
+        (status = 404, description = "`consumption_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all)]
 pub async fn refund(
     State(state): State<AppState>,
@@ -187,7 +242,7 @@ pub async fn refund(
     Ok(Json(answer))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisteredBody {
     user_id: i64,
@@ -195,11 +250,25 @@ pub struct RegisteredBody {
 
 /// `POST /api/internal/billing/users/registered`: assigns every package marked for new users,
 /// once per user however often it is retried (`201` the first time, `200` after).
+#[utoipa::path(
+    post,
+    path = "/api/internal/billing/users/registered",
+    tag = "internal",
+    security(("service_token" = [])),
+    request_body = RegisteredBody,
+    responses(
+        (status = 201, description = "The user is new: the new-user packages were assigned", body = RegisterAnswer),
+        (status = 200, description = "The user was announced before: nothing was assigned", body = RegisterAnswer),
+        (status = 401, description = "No or an unknown service token", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_id = body.user_id))]
 pub async fn registered(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RegisteredBody>,
-) -> Result<(StatusCode, Json<crate::wallet::RegisterAnswer>), ApiError> {
+) -> Result<(StatusCode, Json<RegisterAnswer>), ApiError> {
     let user_id = validate::user_id("user_id", body.user_id)?;
     let now = state.clock.now();
     let snapshot = state.catalog.snapshot();

@@ -7,6 +7,7 @@ mod catalog;
 pub mod error;
 pub mod extract;
 mod internal;
+pub mod openapi;
 pub mod query;
 mod reports;
 mod user;
@@ -15,17 +16,19 @@ pub mod validate;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, patch, post, put};
+use axum::{Extension, Router};
 use sqlx::PgPool;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::registry::Registry;
-use error::ApiError;
+use error::{ApiError, ErrorBody};
 
 /// How long `/readyz` waits for the database to answer.
 const READINESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -39,95 +42,77 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
 }
 
+/// Every route is registered with `routes!`, which adds the handler to the router and its
+/// `#[utoipa::path]` to the OpenAPI document in the same call; the document is then served at
+/// `/api/openapi.json`.
 pub fn router(state: AppState) -> Router {
-    let internal = Router::new()
-        .route("/api/internal/billing/credits/check", post(internal::check))
-        .route(
-            "/api/internal/billing/credits/deduct",
-            post(internal::deduct),
-        )
-        .route(
-            "/api/internal/billing/credits/refund",
-            post(internal::refund),
-        )
-        .route(
-            "/api/internal/billing/users/registered",
-            post(internal::registered),
-        )
+    let internal = OpenApiRouter::new()
+        .routes(routes!(internal::check))
+        .routes(routes!(internal::deduct))
+        .routes(routes!(internal::refund))
+        .routes(routes!(internal::registered))
         .route_layer(from_fn_with_state(state.clone(), auth::require_service));
-    let admin = Router::new()
-        .route(
-            "/api/admin/billing/action-prices",
-            get(catalog::list_prices).post(catalog::create_price),
-        )
-        .route(
-            "/api/admin/billing/action-prices/{action_key}",
-            put(catalog::update_price),
-        )
-        .route(
-            "/api/admin/billing/action-prices/{action_key}/status",
-            patch(catalog::set_price_status),
-        )
-        .route(
-            "/api/admin/billing/packages",
-            get(catalog::list_packages).post(catalog::create_package),
-        )
-        .route(
-            "/api/admin/billing/packages/{id}",
-            get(catalog::get_package)
-                .put(catalog::update_package)
-                .delete(catalog::delete_package),
-        )
-        .route(
-            "/api/admin/billing/packages/{id}/visibility",
-            patch(catalog::set_package_visibility),
-        )
-        .route(
-            "/api/admin/billing/packages/{id}/users",
-            get(admin::list_package_users),
-        )
-        .route(
-            "/api/admin/billing/user-packages",
-            post(admin::assign_user_package),
-        )
-        .route(
-            "/api/admin/billing/user-packages/{id}/activate",
-            post(admin::activate_user_package),
-        )
-        .route(
-            "/api/admin/billing/user-packages/{id}/revoke",
-            post(admin::revoke_user_package),
-        )
-        .route(
-            "/api/admin/users/{user_id}/billing-packages",
-            get(admin::list_user_packages),
-        )
+    let admin = OpenApiRouter::new()
+        .routes(routes!(catalog::list_prices, catalog::create_price))
+        .routes(routes!(catalog::update_price))
+        .routes(routes!(catalog::set_price_status))
+        .routes(routes!(catalog::list_packages, catalog::create_package))
+        .routes(routes!(
+            catalog::get_package,
+            catalog::update_package,
+            catalog::delete_package
+        ))
+        .routes(routes!(catalog::set_package_visibility))
+        .routes(routes!(admin::list_package_users))
+        .routes(routes!(admin::assign_user_package))
+        .routes(routes!(admin::activate_user_package))
+        .routes(routes!(admin::revoke_user_package))
+        .routes(routes!(admin::list_user_packages))
         .merge(reports::admin_routes())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
-    let user = Router::new()
-        .route("/api/user/billing/credits", get(user::credits))
-        .route("/api/user/billing/packages", get(user::packages))
+    let user = OpenApiRouter::new()
+        .routes(routes!(user::credits))
+        .routes(routes!(user::packages))
         .merge(reports::user_routes())
         .route_layer(from_fn_with_state(state.clone(), auth::require_user));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/api/billing/action-prices", get(catalog::public_prices))
-        .route("/api/billing/packages", get(catalog::public_packages))
+    let (router, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi::document))
+        .routes(routes!(catalog::public_prices))
+        .routes(routes!(catalog::public_packages))
         .merge(internal)
         .merge(admin)
         .merge(user)
+        .split_for_parts();
+    router
+        .layer(Extension(openapi::Shared::new(document)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::BODY_BYTES_MAX))
         .with_state(state)
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "public",
+    responses((status = 200, description = "The process is up", body = String, content_type = "text/plain")),
+)]
 async fn healthz() -> &'static str {
     "ok"
 }
 
 /// Ready once migrations ran (the engine only serves after they did) and the database answers.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "public",
+    responses(
+        (status = 200, description = "Ready to serve", body = String, content_type = "text/plain"),
+        (status = 503, description = "`unavailable`: the database does not answer", body = ErrorBody),
+    ),
+)]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     let probe = sqlx::query("SELECT 1").execute(&state.pool);
     match tokio::time::timeout(READINESS_PROBE_TIMEOUT, probe).await {

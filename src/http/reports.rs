@@ -5,11 +5,12 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::StreamExt;
@@ -18,7 +19,7 @@ use tracing::Instrument;
 
 use super::AppState;
 use super::auth::Principal;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::query::{List, Params, TimeRange, id_cursor, time_id_cursor};
 use crate::store::reports::{
     self as store, ConsumptionExport, ConsumptionFilter, ConsumptionRow, EventFilter, EventRow,
@@ -64,18 +65,12 @@ const EXPORT_COLUMNS: [&str; 13] = [
 const EVENT_KIND_CHARS_MAX: usize = 64;
 
 /// Routes of the admin surface (behind `require_admin`).
-pub fn admin_routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/admin/billing/consumption", get(admin_consumption))
-        .route(
-            "/api/admin/billing/consumption/statistics",
-            get(consumption_statistics),
-        )
-        .route(
-            "/api/admin/billing/consumption/export",
-            get(consumption_export),
-        )
-        .route("/api/admin/billing/events", get(events))
+pub fn admin_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(admin_consumption))
+        .routes(routes!(consumption_statistics))
+        .routes(routes!(consumption_export))
+        .routes(routes!(events))
         .layer(Extension(ExportSlots(Arc::new(Semaphore::new(
             EXPORTS_CONCURRENT_MAX,
         )))))
@@ -83,11 +78,11 @@ pub fn admin_routes() -> Router<AppState> {
 
 /// The running exports of one router (one engine): a permit each.
 #[derive(Clone)]
-struct ExportSlots(Arc<Semaphore>);
+pub struct ExportSlots(Arc<Semaphore>);
 
 /// Routes of the user surface (behind `require_user`).
-pub fn user_routes() -> Router<AppState> {
-    Router::new().route("/api/user/billing/consumption", get(user_consumption))
+pub fn user_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(user_consumption))
 }
 
 /// The consumption filters every admin consumption report shares.
@@ -103,8 +98,30 @@ fn admin_consumption_filter(params: &Params) -> Result<ConsumptionFilter, ApiErr
 }
 
 /// `GET /api/admin/billing/consumption`: every user's consumption records, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/consumption",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("user_id" = Option<i64>, Query, description = "Only this user's records"),
+        ("action_key" = Option<String>, Query, description = "Only this action"),
+        ("status" = Option<String>, Query, description = "completed or refunded"),
+        ("from" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("to" = Option<String>, Query, description = "RFC 3339, exclusive"),
+        ("limit" = Option<i64>, Query, description = "Items per page, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of consumption records, newest first", body = List<ConsumptionRow>),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The token is not an admin's", body = ErrorBody),
+        (status = 422, description = "`invalid_field` naming the parameter", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all)]
-async fn admin_consumption(
+pub async fn admin_consumption(
     State(state): State<AppState>,
     params: Params,
 ) -> Result<Json<List<ConsumptionRow>>, ApiError> {
@@ -123,8 +140,27 @@ async fn admin_consumption(
 
 /// `GET /api/user/billing/consumption`: the token's own consumption records, newest first.
 /// There is no `user_id` parameter: a user cannot ask for anyone else's records.
+#[utoipa::path(
+    get,
+    path = "/api/user/billing/consumption",
+    tag = "user",
+    security(("jwt" = [])),
+    params(
+        ("action_key" = Option<String>, Query, description = "Only this action"),
+        ("from" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("to" = Option<String>, Query, description = "RFC 3339, exclusive"),
+        ("limit" = Option<i64>, Query, description = "Items per page, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of the token's user's records, newest first", body = List<ConsumptionRow>),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 422, description = "`invalid_field` naming the parameter", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_id = principal.user_id.get()))]
-async fn user_consumption(
+pub async fn user_consumption(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     params: Params,
@@ -154,8 +190,8 @@ async fn consumption_page(
     })))
 }
 
-#[derive(Debug, Serialize)]
-struct StatisticsAnswer {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatisticsAnswer {
     group_by: &'static str,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
@@ -168,8 +204,28 @@ struct StatisticsAnswer {
 /// `GET /api/admin/billing/consumption/statistics`: records, credits, refunds and distinct
 /// users per UTC day (ascending) or per action (most credits first), with totals over the
 /// whole range. At most [`STATISTICS_GROUPS_MAX`] groups.
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/consumption/statistics",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("group_by" = Option<String>, Query, description = "day (default) or action"),
+        ("user_id" = Option<i64>, Query, description = "Only this user's records"),
+        ("action_key" = Option<String>, Query, description = "Only this action"),
+        ("from" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("to" = Option<String>, Query, description = "RFC 3339, exclusive"),
+    ),
+    responses(
+        (status = 200, description = "Groups and totals", body = StatisticsAnswer),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The token is not an admin's", body = ErrorBody),
+        (status = 422, description = "`invalid_field` naming the parameter", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all)]
-async fn consumption_statistics(
+pub async fn consumption_statistics(
     State(state): State<AppState>,
     params: Params,
 ) -> Result<Json<StatisticsAnswer>, ApiError> {
@@ -221,8 +277,28 @@ fn days_touched(from: DateTime<Utc>, to: DateTime<Utc>) -> i64 {
 
 /// `GET /api/admin/billing/consumption/export`: the records of the list's filters as CSV,
 /// newest first, streamed as the database yields them. At most [`EXPORT_ROWS_MAX`] rows.
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/consumption/export",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("user_id" = Option<i64>, Query, description = "Only this user's records"),
+        ("action_key" = Option<String>, Query, description = "Only this action"),
+        ("status" = Option<String>, Query, description = "completed or refunded"),
+        ("from" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("to" = Option<String>, Query, description = "RFC 3339, exclusive"),
+    ),
+    responses(
+        (status = 200, description = "CSV with a header row", content_type = "text/csv", body = String),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The token is not an admin's", body = ErrorBody),
+        (status = 422, description = "`invalid_field` naming the parameter", body = ErrorBody),
+        (status = 503, description = "`overloaded` (too many exports) or `unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all)]
-async fn consumption_export(
+pub async fn consumption_export(
     State(state): State<AppState>,
     Extension(ExportSlots(slots)): Extension<ExportSlots>,
     params: Params,
@@ -394,8 +470,29 @@ fn csv_writer() -> csv::Writer<Vec<u8>> {
 }
 
 /// `GET /api/admin/billing/events`: the audit log, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/events",
+    tag = "admin",
+    security(("jwt" = [])),
+    params(
+        ("kind" = Option<String>, Query, description = "An event kind, for example billing_credits_deduct"),
+        ("user_id" = Option<i64>, Query, description = "Only this user's events"),
+        ("from" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("to" = Option<String>, Query, description = "RFC 3339, exclusive"),
+        ("limit" = Option<i64>, Query, description = "Items per page, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of audit events, newest first", body = List<EventRow>),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 403, description = "The token is not an admin's", body = ErrorBody),
+        (status = 422, description = "`invalid_field` naming the parameter", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all)]
-async fn events(
+pub async fn events(
     State(state): State<AppState>,
     params: Params,
 ) -> Result<Json<List<EventRow>>, ApiError> {

@@ -5,16 +5,17 @@ use axum::extract::State;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::admin::grant_page;
 use super::auth::Principal;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::query::{List, Params};
 use crate::domain::{self, GrantStatus};
 use crate::store::{self, GrantFilter, GrantListRow};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CreditSummary {
     user_id: i64,
     /// Credits the user can spend now across limited grants.
@@ -27,7 +28,7 @@ pub struct CreditSummary {
     truncated: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct GrantSummary {
     user_package_id: i64,
     package_id: i64,
@@ -46,6 +47,18 @@ pub struct GrantSummary {
 }
 
 /// `GET /api/user/billing/credits`: what the user can spend now, and per grant.
+#[utoipa::path(
+    get,
+    path = "/api/user/billing/credits",
+    tag = "user",
+    security(("jwt" = [])),
+    responses(
+        (status = 200, description = "The token's user's credits", body = CreditSummary),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 pub async fn credits(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -96,6 +109,23 @@ pub async fn credits(
 }
 
 /// `GET /api/user/billing/packages`: all of the user's grants, newest first (`status` filters).
+#[utoipa::path(
+    get,
+    path = "/api/user/billing/packages",
+    tag = "user",
+    security(("jwt" = [])),
+    params(
+        ("status" = Option<String>, Query, description = "One of pending, active, depleted, expired, revoked"),
+        ("limit" = Option<i64>, Query, description = "Items per page, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of the token's user's grants, newest first", body = List<GrantListRow>),
+        (status = 401, description = "No or an invalid JWT", body = ErrorBody),
+        (status = 422, description = "`invalid_field`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; retry", body = ErrorBody),
+    ),
+)]
 pub async fn packages(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -42,7 +42,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
 }
 
 /// A row of `action_prices`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ActionPriceRow {
     pub action_key: String,
     pub name: String,
@@ -64,7 +64,7 @@ pub async fn load_action_prices(pool: &PgPool) -> Result<Vec<ActionPriceRow>, sq
 }
 
 /// A row of `packages`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct PackageRow {
     pub id: i64,
     pub name: String,
@@ -95,7 +95,7 @@ pub async fn load_packages(pool: &PgPool) -> Result<Vec<PackageRow>, sqlx::Error
 }
 
 /// A grant as the APIs show it: a row of `user_packages`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct UserPackageRow {
     pub id: i64,
     pub user_id: i64,
@@ -501,7 +501,7 @@ pub fn parse_package_type(text: &str) -> Result<PackageType, sqlx::Error> {
 }
 
 /// A grant with its package's name, as lists show it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct GrantListRow {
     #[sqlx(flatten)]
     #[serde(flatten)]

@@ -74,7 +74,7 @@ impl Glue {
 }
 
 /// A consumption record as the reports show it, with the grants that paid for it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ConsumptionRow {
     pub id: i64,
     pub user_id: i64,
@@ -89,6 +89,7 @@ pub struct ConsumptionRow {
     pub forfeited_credits: i64,
     pub refund_reason: Option<String>,
     pub refunded_at: Option<DateTime<Utc>>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
     pub created_at: DateTime<Utc>,
     /// Filled by a second query for a page; left empty by the export, whose CSV has no
@@ -102,7 +103,7 @@ const CONSUMPTION_COLUMNS: &str = "SELECT id, user_id, action_key, quantity, uni
     refund_reason, refunded_at, metadata, created_at FROM consumption_records";
 
 /// What one grant paid of a deduction, and what of it came back or was forfeited.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AllocationRow {
     #[serde(skip)]
     pub consumption_id: i64,
@@ -191,9 +192,10 @@ pub enum GroupBy {
 }
 
 /// One group of the statistics; exactly one of `day` and `action_key` is set.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StatisticsGroup {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Date)]
     pub day: Option<NaiveDate>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action_key: Option<String>,
@@ -203,7 +205,7 @@ pub struct StatisticsGroup {
 }
 
 /// The sums of a group, or of the whole range.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StatisticsSums {
     pub records: i64,
     /// What the records cost when deducted.
@@ -310,11 +312,12 @@ impl ConsumptionExport {
 }
 
 /// A row of the audit log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct EventRow {
     pub id: i64,
     pub kind: String,
     pub user_id: Option<i64>,
+    #[schema(value_type = Object)]
     pub payload: serde_json::Value,
     pub created_at: DateTime<Utc>,
 }

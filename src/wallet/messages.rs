@@ -3,6 +3,7 @@
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::oneshot;
+use utoipa::ToSchema;
 
 use crate::domain::{Allocation, ConsumptionId, Credits, NewGrant, UserPackageId};
 use crate::error::EngineError;
@@ -25,7 +26,7 @@ pub struct DeductRequest {
     pub metadata: Option<Value>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct DeductAnswer {
     pub consumption_id: ConsumptionId,
     pub credits_cost: Credits,
@@ -43,7 +44,7 @@ impl DeductAnswer {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct CheckAnswer {
     pub sufficient: bool,
     pub credits_cost: Credits,
@@ -63,7 +64,7 @@ pub struct RefundRequest {
     pub reason: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct RefundAnswer {
     pub consumption_id: ConsumptionId,
     pub refunded_credits: Credits,
@@ -87,7 +88,7 @@ pub struct AssignAnswer {
 }
 
 /// A user announced by the host application: new-user packages are assigned once.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct RegisterAnswer {
     pub user_id: i64,
     /// False when the user was announced before (nothing was assigned this time).

@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 mod internal;
 pub mod query;
+mod reconcile;
 mod reports;
 mod user;
 pub mod validate;
@@ -25,6 +26,7 @@ use sqlx::PgPool;
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::registry::Registry;
+use crate::supervisor::Reconciler;
 use error::ApiError;
 
 /// How long `/readyz` waits for the database to answer.
@@ -33,6 +35,8 @@ const READINESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// Runs reconciliation on demand (the supervisor's job shares it).
+    pub reconciler: Arc<Reconciler>,
     pub catalog: Arc<Catalog>,
     pub pool: PgPool,
     pub auth: Arc<auth::Auth>,
@@ -101,6 +105,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/admin/users/{user_id}/billing-packages",
             get(admin::list_user_packages),
+        )
+        .route(
+            "/api/admin/billing/reconciliation",
+            get(reconcile::reconciliation),
         )
         .merge(reports::admin_routes())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));

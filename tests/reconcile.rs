@@ -159,3 +159,43 @@ async fn only_admins_may_run_reconciliation(pool: PgPool) {
     assert!(mismatch_events(&pool).await.is_empty());
     engine.stop().await;
 }
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn the_background_job_writes_mismatches_and_stops_with_the_engine(pool: PgPool) {
+    let credits = create_package(&pool, "credits", Some(100), None).await;
+    let grant: i64 = sqlx::query_scalar(
+        "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
+             total_credits, used_credits, remaining_credits, activated_at)
+         VALUES (9, $1, 'gift', 'active', 100, false, 100, 4, 96, now()) RETURNING id",
+    )
+    .bind(credits)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let mut settings = settings("postgres://unused");
+    settings.reconcile_interval_secs = 1;
+    let clock = std::sync::Arc::new(credits_engine::clock::ManualClock::new(start_time()));
+    let app = credits_engine::app::App::build_with(pool.clone(), settings, clock)
+        .await
+        .unwrap();
+
+    // Used 4 with no allocation behind it: the job finds it within a few intervals.
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = mismatch_events(&pool).await;
+        if !events.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (user_id, payload) = events.first().expect("the job wrote a mismatch event");
+    assert_eq!(*user_id, Some(9));
+    assert_eq!(payload["user_package_id"], grant);
+    assert_eq!(payload["difference"], 4);
+    // Stopping waits for the job: it would hang here if the job ignored its stop.
+    app.stop().await;
+    assert_eq!(
+        balance_of(&pool, grant).await,
+        ("active".into(), 100, 4, 96, 0)
+    );
+}

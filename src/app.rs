@@ -1,6 +1,6 @@
-//! Wires store -> catalog -> writer -> registry -> http, and owns the shutdown order:
-//! stop accepting, let in-flight requests finish (each waits for its commit), stop the wallets,
-//! then let the writer commit whatever is still queued.
+//! Wires store -> catalog -> writer -> registry -> supervisor -> http, and owns the shutdown
+//! order: stop accepting, let in-flight requests finish (each waits for its commit), stop the
+//! supervisor's jobs, stop the wallets, then let the writer commit whatever is still queued.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::http::{self, AppState, auth::Auth};
 use crate::registry::{Registry, RegistryLimits};
 use crate::store::{self, writer};
+use crate::supervisor::{self, Reconciler};
 use crate::wallet::{WalletDeps, WalletLimits};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +37,9 @@ pub struct App {
     state: AppState,
     /// Stops the writer lanes once nothing can hand them more work.
     writer_stop: CancellationToken,
-    /// The writer lanes: shutdown waits for them to drain.
+    /// Stops the supervisor's jobs first: they ask wallets, which stop next.
+    supervisor_stop: CancellationToken,
+    /// The writer lanes and supervisor jobs: shutdown waits for them to finish.
     tracker: TaskTracker,
     settings: Settings,
 }
@@ -84,8 +87,21 @@ impl App {
                 mailbox_max: settings.mailbox_max,
             },
         ));
+        let reconciler = Arc::new(Reconciler::new(
+            pool.clone(),
+            registry.clone(),
+            clock.clone(),
+        ));
+        let supervisor_stop = CancellationToken::new();
+        supervisor::spawn_reconciliation(
+            reconciler.clone(),
+            settings.reconcile_interval(),
+            supervisor_stop.clone(),
+            &tracker,
+        );
         let state = AppState {
             registry,
+            reconciler,
             catalog,
             pool,
             auth: Arc::new(Auth::new(
@@ -104,6 +120,7 @@ impl App {
             listener,
             state,
             writer_stop,
+            supervisor_stop,
             tracker,
             settings,
         })
@@ -143,6 +160,7 @@ impl App {
         Engine {
             state: self.state,
             writer_stop: self.writer_stop,
+            supervisor_stop: self.supervisor_stop,
             tracker: self.tracker,
         }
         .stop()
@@ -155,6 +173,7 @@ impl App {
         Engine {
             state: self.state,
             writer_stop: self.writer_stop,
+            supervisor_stop: self.supervisor_stop,
             tracker: self.tracker,
         }
         .stop()
@@ -166,11 +185,13 @@ impl App {
 struct Engine {
     state: AppState,
     writer_stop: CancellationToken,
+    supervisor_stop: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Engine {
     async fn stop(self) {
+        self.supervisor_stop.cancel();
         self.state.registry.stop_all();
         self.writer_stop.cancel();
         self.tracker.close();

@@ -107,6 +107,11 @@ pub struct Settings {
     #[arg(long, env = "CREDITS_IDEMPOTENCY_CACHE_MAX", default_value_t = 1_024)]
     pub idempotency_cache_max: usize,
 
+    /// Seconds between reconciliation runs (ledger and live wallets against the database);
+    /// 0 disables the job (`GET /api/admin/billing/reconciliation` still runs one on demand).
+    #[arg(long, env = "CREDITS_RECONCILE_INTERVAL_SECS", default_value_t = 300)]
+    pub reconcile_interval_secs: u64,
+
     /// Longest a graceful shutdown waits for in-flight requests before it stops anyway.
     #[arg(long, env = "CREDITS_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
     pub shutdown_timeout_ms: u64,
@@ -124,6 +129,10 @@ impl Settings {
 
     pub fn enqueue_wait(&self) -> Duration {
         Duration::from_millis(self.enqueue_wait_ms)
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_secs(self.reconcile_interval_secs)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

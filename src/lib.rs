@@ -22,7 +22,8 @@
 //!   PostgreSQL                       migrations/postgres
 //! ```
 //!
-//! The catalog (prices, packages) sits beside this path as an immutable snapshot.
+//! The catalog (prices, packages) sits beside this path as an immutable snapshot; the
+//! supervisor (reconciliation) sits beside it too, reading the ledger and asking idle wallets.
 //!
 //! # Layout
 //!
@@ -32,6 +33,7 @@
 //! - [`registry`]: finds or spawns wallets.
 //! - [`store`]: every SQL statement; [`store::writer`] is the group-commit writer.
 //! - [`http`]: the router, one module per surface, the error body, and the OpenAPI document.
+//! - [`supervisor`]: housekeeping beside the path: periodic reconciliation.
 //! - [`app`]: wiring and shutdown order; [`config`]: flags and environment.
 
 pub mod app;
@@ -43,4 +45,5 @@ pub mod error;
 pub mod http;
 pub mod registry;
 pub mod store;
+pub mod supervisor;
 pub mod wallet;

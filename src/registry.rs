@@ -148,6 +148,60 @@ impl Registry {
         });
     }
 
+    /// Up to `max` users whose wallet is in memory, starting `offset` entries into the map
+    /// (wrapping), so successive bounded passes cover every wallet. Never spawns one.
+    pub fn live_users(&self, offset: usize, max: usize) -> Vec<UserId> {
+        let len = self.wallets.len();
+        if len == 0 || max == 0 {
+            return Vec::new();
+        }
+        let start = offset % len;
+        let mut users: Vec<UserId> = self
+            .wallets
+            .iter()
+            .skip(start)
+            .filter_map(|entry| entry.value().get().map(|_| *entry.key()))
+            .take(max)
+            .collect();
+        if users.len() < max {
+            let more = max - users.len();
+            users.extend(
+                self.wallets
+                    .iter()
+                    .take(start)
+                    .filter_map(|entry| entry.value().get().map(|_| *entry.key()))
+                    .take(more),
+            );
+        }
+        users
+    }
+
+    /// Asks the user's wallet only if one is in memory (`None` otherwise): reconciliation looks
+    /// at live wallets and must not load new ones. Counts against the mailbox like a request.
+    pub async fn ask_live<T>(
+        &self,
+        user_id: UserId,
+        make: impl FnOnce(Reply<T>) -> WalletMsg,
+    ) -> Option<Result<T, EngineError>> {
+        let handle = self.wallets.get(&user_id)?.get()?.clone();
+        let depth = handle.mailbox_depth.fetch_add(1, Ordering::AcqRel);
+        if depth >= self.limits.mailbox_max {
+            handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+            return Some(Err(EngineError::Overloaded(
+                "this user's wallet mailbox is full",
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        if handle.actor.send_message(make(reply)).is_err() {
+            handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+            self.forget(user_id, &handle.actor);
+            return None;
+        }
+        Some(answer.await.unwrap_or(Err(EngineError::Unavailable(
+            "the wallet stopped before answering",
+        ))))
+    }
+
     /// Stops every wallet (at shutdown, after the HTTP server has drained).
     pub fn stop_all(&self) {
         for entry in self.wallets.iter() {

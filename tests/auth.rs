@@ -268,6 +268,7 @@ async fn every_route_family_against_every_credential(pool: PgPool) {
             ok,
         ),
         route(Admin, "GET", "/api/admin/billing/events", None, ok),
+        route(Admin, "GET", "/api/admin/billing/reconciliation", None, ok),
         route(User, "GET", "/api/user/billing/consumption", None, ok),
         route(User, "GET", "/api/user/billing/credits", None, ok),
         route(User, "GET", "/api/user/billing/packages", None, ok),

@@ -17,6 +17,7 @@ const CONTRACT_ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/admin/billing/consumption/statistics"),
     ("GET", "/api/admin/billing/consumption/export"),
     ("GET", "/api/admin/billing/events"),
+    ("GET", "/api/admin/billing/reconciliation"),
     ("GET", "/api/user/billing/consumption"),
     ("POST", "/api/internal/billing/credits/check"),
     ("POST", "/api/internal/billing/credits/deduct"),

@@ -9,6 +9,7 @@ pub mod extract;
 mod internal;
 pub mod openapi;
 pub mod query;
+mod reconcile;
 mod reports;
 mod user;
 pub mod validate;
@@ -28,6 +29,7 @@ use utoipa_axum::routes;
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::registry::Registry;
+use crate::supervisor::Reconciler;
 use error::{ApiError, ErrorBody};
 
 /// How long `/readyz` waits for the database to answer.
@@ -36,6 +38,8 @@ const READINESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// Runs reconciliation on demand (the supervisor's job shares it).
+    pub reconciler: Arc<Reconciler>,
     pub catalog: Arc<Catalog>,
     pub pool: PgPool,
     pub auth: Arc<auth::Auth>,
@@ -68,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(admin::activate_user_package))
         .routes(routes!(admin::revoke_user_package))
         .routes(routes!(admin::list_user_packages))
+        .routes(routes!(reconcile::reconciliation))
         .merge(reports::admin_routes())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let user = OpenApiRouter::new()

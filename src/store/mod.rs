@@ -2,6 +2,7 @@
 //! this module holds the reads and the rare writes (admin assign) that wallets perform directly.
 
 pub mod catalog;
+pub mod reconcile;
 pub mod reports;
 pub mod writer;
 

@@ -5,7 +5,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use utoipa::ToSchema;
 
-use crate::domain::{Allocation, ConsumptionId, Credits, NewGrant, UserPackageId};
+use crate::domain::{Allocation, ConsumptionId, Credits, Grant, NewGrant, UserPackageId};
 use crate::error::EngineError;
 use crate::store::UserPackageRow;
 
@@ -168,8 +168,25 @@ pub enum WalletMsg {
         grants: Vec<NewGrant>,
         reply: Reply<RegisterAnswer>,
     },
+    /// Reconciliation asks for the wallet's memory next to the database's rows.
+    Snapshot { reply: Reply<WalletSnapshot> },
     /// From the batch writer, once per batch that held effects of this wallet.
     Settled(Vec<Settlement>),
+}
+
+/// A wallet's answer to reconciliation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WalletSnapshot {
+    /// Effects are in flight (or the wallet awaits a reload): memory is ahead of the database
+    /// by design, so there is nothing to compare this round.
+    Busy,
+    /// Nothing in flight: memory should equal the database exactly. `stored` was read by the
+    /// wallet itself while it held its mailbox, so nothing of this user committed in between.
+    Ready {
+        memory: Vec<Grant>,
+        /// The user's pending, active and depleted grants as the database holds them.
+        stored: Vec<Grant>,
+    },
 }
 
 impl WalletMsg {

@@ -177,6 +177,9 @@ impl Actor for Wallet {
             WalletMsg::Register { grants, reply } => {
                 let _ = reply.send(state.register(grants).await);
             }
+            WalletMsg::Snapshot { reply } => {
+                let _ = reply.send(state.snapshot().await);
+            }
             WalletMsg::Settled(settlements) => state.settle(&myself, settlements).await,
         }
         Ok(())
@@ -566,6 +569,20 @@ impl WalletState {
                 reply,
             }),
         });
+    }
+
+    /// Memory and the database side by side, only when they must agree: nothing in flight and
+    /// no reload pending. The read happens inside the handler, so no effect of this wallet can
+    /// commit between the two halves.
+    async fn snapshot(&mut self) -> Result<WalletSnapshot, EngineError> {
+        if self.in_flight > 0 || self.is_stale() {
+            return Ok(WalletSnapshot::Busy);
+        }
+        let stored = store::load_wallet_grants(&self.deps.pool, self.user_id).await?;
+        Ok(WalletSnapshot::Ready {
+            memory: self.grants.clone(),
+            stored,
+        })
     }
 
     async fn register(&mut self, grants: Vec<NewGrant>) -> Result<RegisterAnswer, EngineError> {

@@ -238,25 +238,17 @@ pub async fn create_package(
     .unwrap()
 }
 
-/// Every grant's stored balance agrees with its ledger:
-/// total = remaining + allocated - refunded + expired, and used = allocated - refunded.
+/// Every grant's stored balance agrees with its ledger, by the engine's own definition
+/// (`store::reconcile::ledger_mismatches`): used = allocated - refunded, and for a limited grant
+/// total = used + remaining + expired.
 pub async fn assert_ledger_balanced(pool: &PgPool) {
-    let broken: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT g.id, g.total_credits, g.remaining_credits, g.used_credits, g.expired_credits,
-                COALESCE(SUM(a.credits - a.refunded_credits), 0)::bigint AS net
-         FROM user_packages g
-         LEFT JOIN consumption_allocations a ON a.user_id = g.user_id AND a.user_package_id = g.id
-         GROUP BY g.id, g.total_credits, g.remaining_credits, g.used_credits, g.expired_credits, g.unlimited
-         HAVING g.used_credits <> COALESCE(SUM(a.credits - a.refunded_credits), 0)
-             OR (NOT g.unlimited AND g.total_credits <> g.remaining_credits
-                 + COALESCE(SUM(a.credits - a.refunded_credits), 0) + g.expired_credits)",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
+    let check = credits_engine::store::reconcile::ledger_mismatches(pool, 100)
+        .await
+        .unwrap();
     assert!(
-        broken.is_empty(),
-        "grants out of balance (id, total, remaining, used, expired, net allocated): {broken:?}"
+        check.mismatches.is_empty(),
+        "grants out of balance: {:?}",
+        check.mismatches
     );
     // Every consumption's allocations add up to its cost.
     let uneven: Vec<(i64, i64, i64)> = sqlx::query_as(

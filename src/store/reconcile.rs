@@ -1,0 +1,169 @@
+//! The ledger side of reconciliation: every grant's stored balance against its allocations.
+//!
+//! # The ledger formula
+//!
+//! Derived from what the batch writer does (`store::writer`):
+//!
+//! - a deduction inserts `consumption_allocations(credits)` and adds `credits` to the grant's
+//!   `used_credits` (taking it from `remaining_credits` when the grant is limited);
+//! - a refund adds the restored share of an allocation to its `refunded_credits` and subtracts
+//!   exactly that from `used_credits` (giving it back to `remaining_credits`); the forfeited
+//!   share (the grant had expired by the time of the refund) only goes to `forfeited_credits`
+//!   and never touches the grant, so it stays in `used_credits`;
+//! - expiry and revocation move `remaining_credits` to `expired_credits`.
+//!
+//! So, for every grant:
+//!
+//! ```text
+//! ledger_used = SUM(allocations.credits - allocations.refunded_credits)   (forfeited counts as used)
+//! used_credits = ledger_used
+//! total_credits = ledger_used + remaining_credits + expired_credits       (limited grants)
+//! ```
+//!
+//! An unlimited grant keeps `total = remaining = expired = 0` (a table CHECK) and only the first
+//! identity applies. This is the one definition of a balanced ledger: the tests' helper calls
+//! [`ledger_mismatches`] too.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+/// The grants whose stored balance disagrees with the ledger formula above, with the count of
+/// grants checked. Read in one statement, so it sees one snapshot: a batch the writer commits
+/// meanwhile is either wholly in it or wholly not.
+const LEDGER_MISMATCHES_SQL: &str = "
+WITH ledger AS (
+    SELECT g.user_id, g.id, g.status, g.unlimited, g.total_credits, g.used_credits,
+           g.remaining_credits, g.expired_credits,
+           COALESCE(SUM(a.credits - a.refunded_credits), 0)::bigint AS ledger_used_credits
+    FROM user_packages g
+    LEFT JOIN consumption_allocations a ON a.user_id = g.user_id AND a.user_package_id = g.id
+    GROUP BY g.user_id, g.id
+),
+checked AS (SELECT count(*)::bigint AS checked_grants FROM ledger)
+SELECT c.checked_grants, m.user_id, m.id, m.status, m.unlimited, m.total_credits,
+       m.used_credits, m.remaining_credits, m.expired_credits, m.ledger_used_credits
+FROM checked c
+LEFT JOIN LATERAL (
+    SELECT * FROM ledger l
+    WHERE l.used_credits <> l.ledger_used_credits
+       OR (NOT l.unlimited
+           AND l.total_credits <> l.ledger_used_credits + l.remaining_credits + l.expired_credits)
+    ORDER BY l.user_id, l.id
+    LIMIT $1
+) m ON true
+ORDER BY m.user_id, m.id";
+
+/// A grant whose stored balance disagrees with its allocations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct LedgerMismatch {
+    pub user_id: i64,
+    pub user_package_id: i64,
+    pub status: String,
+    pub unlimited: bool,
+    pub total_credits: i64,
+    pub used_credits: i64,
+    pub remaining_credits: i64,
+    pub expired_credits: i64,
+    /// What the allocations say was used: `SUM(credits - refunded_credits)`.
+    pub ledger_used_credits: i64,
+    /// `used_credits - ledger_used_credits`: positive when the row claims more was used than
+    /// its allocations show.
+    pub difference: i64,
+}
+
+/// What one pass over the ledger found.
+#[derive(Clone, Debug, Default)]
+pub struct LedgerCheck {
+    pub checked_grants: i64,
+    /// At most the `max` asked for, ordered by (user_id, user_package_id).
+    pub mismatches: Vec<LedgerMismatch>,
+    /// More mismatches exist than were returned.
+    pub truncated: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct LedgerRow {
+    checked_grants: i64,
+    user_id: Option<i64>,
+    id: Option<i64>,
+    status: Option<String>,
+    unlimited: Option<bool>,
+    total_credits: Option<i64>,
+    used_credits: Option<i64>,
+    remaining_credits: Option<i64>,
+    expired_credits: Option<i64>,
+    ledger_used_credits: Option<i64>,
+}
+
+impl LedgerRow {
+    /// `None` for the lone row of a check that found nothing (the lateral join's empty side).
+    fn mismatch(self) -> Option<LedgerMismatch> {
+        let used_credits = self.used_credits?;
+        let ledger_used_credits = self.ledger_used_credits?;
+        Some(LedgerMismatch {
+            user_id: self.user_id?,
+            user_package_id: self.id?,
+            status: self.status?,
+            unlimited: self.unlimited?,
+            total_credits: self.total_credits?,
+            used_credits,
+            remaining_credits: self.remaining_credits?,
+            expired_credits: self.expired_credits?,
+            ledger_used_credits,
+            difference: used_credits - ledger_used_credits,
+        })
+    }
+}
+
+/// Checks every grant against its allocations; reports at most `max` mismatches. Reads only.
+///
+/// It scans all grants and allocations (a hash aggregate over `consumption_allocations`): meant
+/// for a periodic job and an operator's request, not a hot path.
+#[tracing::instrument(skip(pool))]
+pub async fn ledger_mismatches(pool: &PgPool, max: usize) -> Result<LedgerCheck, sqlx::Error> {
+    let limit = i64::try_from(max).unwrap_or(i64::MAX - 1);
+    let rows: Vec<LedgerRow> = sqlx::query_as(LEDGER_MISMATCHES_SQL)
+        .bind(limit.saturating_add(1))
+        .fetch_all(pool)
+        .await?;
+    let checked_grants = rows.first().map_or(0, |row| row.checked_grants);
+    let mut mismatches: Vec<LedgerMismatch> =
+        rows.into_iter().filter_map(LedgerRow::mismatch).collect();
+    let truncated = mismatches.len() > max;
+    mismatches.truncate(max);
+    Ok(LedgerCheck {
+        checked_grants,
+        mismatches,
+        truncated,
+    })
+}
+
+/// Kind of the audit event a reconciliation mismatch is written as.
+pub const MISMATCH_EVENT_KIND: &str = "billing_reconciliation_mismatch";
+
+/// Writes one `billing_reconciliation_mismatch` event per (user, payload), in one statement.
+/// Never touches a balance: reconciliation reports, it does not fix.
+pub async fn insert_mismatch_events(
+    pool: &PgPool,
+    events: &[(i64, serde_json::Value)],
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let user_ids: Vec<i64> = events.iter().map(|(user_id, _)| *user_id).collect();
+    let payloads: Vec<serde_json::Value> =
+        events.iter().map(|(_, payload)| payload.clone()).collect();
+    sqlx::query(
+        "INSERT INTO billing_events (kind, user_id, payload, created_at)
+         SELECT $1, u, p, $4 FROM UNNEST($2::bigint[], $3::jsonb[]) AS e(u, p)",
+    )
+    .bind(MISMATCH_EVENT_KIND)
+    .bind(&user_ids)
+    .bind(&payloads)
+    .bind(now)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

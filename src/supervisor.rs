@@ -1,0 +1,334 @@
+//! Housekeeping beside the request path. Today: reconciliation.
+//!
+//! Reconciliation compares every grant's stored balance with its ledger (see
+//! [`crate::store::reconcile`] for the formula) and each live wallet's memory with the database.
+//! A mismatch is logged at warn, answered to whoever asked, and written as a
+//! `billing_reconciliation_mismatch` event. It is never "fixed": a mismatch means a bug or a hand
+//! edit, and an operator decides what the right balance is.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::domain::{Balance, Credits, Grant, GrantStatus, UserId, UserPackageId};
+use crate::registry::Registry;
+use crate::store::reconcile::{self, LedgerMismatch};
+use crate::wallet::{WalletMsg, WalletSnapshot};
+
+/// Mismatches one run reports and writes as events (ledger and wallet together); beyond it the
+/// report says `truncated`. A thousand is already an incident, not a list to read.
+pub const MISMATCHES_MAX: usize = 1_000;
+
+/// Live wallets one run asks for a snapshot. Successive runs start where the last left off, so
+/// every wallet is visited when more than this are in memory.
+pub const WALLETS_CHECKED_MAX: usize = 10_000;
+
+/// How long a run waits for one wallet's snapshot; a wallet slower than that is counted busy.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
+
+/// One disagreement, tagged by what disagreed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Mismatch {
+    /// A grant's stored balance against its allocations.
+    Ledger(LedgerMismatch),
+    /// A live wallet's memory against the database.
+    Wallet(WalletMismatch),
+}
+
+impl Mismatch {
+    pub fn user_id(&self) -> i64 {
+        match self {
+            Mismatch::Ledger(mismatch) => mismatch.user_id,
+            Mismatch::Wallet(mismatch) => mismatch.user_id,
+        }
+    }
+
+    pub fn user_package_id(&self) -> i64 {
+        match self {
+            Mismatch::Ledger(mismatch) => mismatch.user_package_id,
+            Mismatch::Wallet(mismatch) => mismatch.user_package_id,
+        }
+    }
+}
+
+/// A grant a live wallet holds differently from the database (or holds and the database does
+/// not, or the other way round: then one side is `null`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct WalletMismatch {
+    pub user_id: i64,
+    pub user_package_id: i64,
+    pub memory: Option<GrantView>,
+    pub stored: Option<GrantView>,
+}
+
+/// The part of a grant reconciliation compares.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct GrantView {
+    pub status: GrantStatus,
+    pub unlimited: bool,
+    pub total_credits: Credits,
+    pub used_credits: Credits,
+    pub remaining_credits: Credits,
+    pub expired_credits: Credits,
+}
+
+impl GrantView {
+    fn of(grant: &Grant) -> GrantView {
+        let (unlimited, total, used, remaining, expired) = match grant.balance {
+            Balance::Limited {
+                total,
+                used,
+                remaining,
+                expired,
+            } => (false, total, used, remaining, expired),
+            Balance::Unlimited { used } => {
+                (true, Credits::ZERO, used, Credits::ZERO, Credits::ZERO)
+            }
+        };
+        GrantView {
+            status: grant.status,
+            unlimited,
+            total_credits: total,
+            used_credits: used,
+            remaining_credits: remaining,
+            expired_credits: expired,
+        }
+    }
+}
+
+/// What `GET /api/admin/billing/reconciliation` answers and the job logs.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct ReconciliationReport {
+    pub checked_grants: i64,
+    /// Live wallets whose memory was compared (idle ones: nothing in flight).
+    pub checked_wallets: usize,
+    /// Live wallets skipped this run: effects in flight, a reload pending, or no answer in time.
+    pub busy_wallets: usize,
+    pub mismatches: Vec<Mismatch>,
+    /// More mismatches exist than `MISMATCHES_MAX`; only the first are reported and written.
+    pub truncated: bool,
+    pub checked_at: DateTime<Utc>,
+}
+
+/// Runs reconciliation; shared by the job and the admin endpoint.
+pub struct Reconciler {
+    pool: PgPool,
+    registry: Arc<Registry>,
+    clock: Arc<dyn Clock>,
+    /// Where the next run starts among live wallets, so bounded runs rotate through all.
+    wallet_cursor: AtomicUsize,
+}
+
+impl Reconciler {
+    pub fn new(pool: PgPool, registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Reconciler {
+        Reconciler {
+            pool,
+            registry,
+            clock,
+            wallet_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// Checks now: reads the ledger and live wallets, writes one event per mismatch, changes
+    /// no balance.
+    #[tracing::instrument(skip(self))]
+    pub async fn run(&self) -> Result<ReconciliationReport, sqlx::Error> {
+        let checked_at = self.clock.now();
+        let ledger = reconcile::ledger_mismatches(&self.pool, MISMATCHES_MAX).await?;
+        let wallets = self.check_wallets().await;
+
+        let mut truncated = ledger.truncated;
+        let mut mismatches: Vec<Mismatch> = ledger
+            .mismatches
+            .into_iter()
+            .map(Mismatch::Ledger)
+            .collect();
+        for mismatch in wallets.mismatches {
+            if mismatches.len() >= MISMATCHES_MAX {
+                truncated = true;
+                break;
+            }
+            mismatches.push(Mismatch::Wallet(mismatch));
+        }
+
+        // metric: billing_reconciliation_mismatches_total{kind="ledger"|"wallet"} += count per run
+        // metric: billing_reconciliation_runs_total, billing_reconciliation_busy_wallets
+        for mismatch in &mismatches {
+            tracing::warn!(
+                user_id = mismatch.user_id(),
+                user_package_id = mismatch.user_package_id(),
+                ?mismatch,
+                "reconciliation mismatch"
+            );
+        }
+        let events: Vec<(i64, serde_json::Value)> = mismatches
+            .iter()
+            .map(|mismatch| {
+                // Plain structs with string keys: serialization cannot fail.
+                let payload = serde_json::to_value(mismatch).unwrap_or_default();
+                (mismatch.user_id(), payload)
+            })
+            .collect();
+        reconcile::insert_mismatch_events(&self.pool, &events, checked_at).await?;
+
+        Ok(ReconciliationReport {
+            checked_grants: ledger.checked_grants,
+            checked_wallets: wallets.checked,
+            busy_wallets: wallets.busy,
+            mismatches,
+            truncated,
+            checked_at,
+        })
+    }
+
+    /// Asks up to `WALLETS_CHECKED_MAX` live wallets, one at a time, for their snapshot.
+    async fn check_wallets(&self) -> WalletCheck {
+        let offset = self
+            .wallet_cursor
+            .fetch_add(WALLETS_CHECKED_MAX, Ordering::Relaxed);
+        let users = self.registry.live_users(offset, WALLETS_CHECKED_MAX);
+        let mut check = WalletCheck::default();
+        for user_id in users {
+            let ask = self
+                .registry
+                .ask_live(user_id, |reply| WalletMsg::Snapshot { reply });
+            match tokio::time::timeout(SNAPSHOT_WAIT, ask).await {
+                Ok(Some(Ok(WalletSnapshot::Ready { memory, stored }))) => {
+                    check.checked += 1;
+                    check
+                        .mismatches
+                        .extend(compare_wallet(user_id, &memory, &stored));
+                }
+                // The wallet stopped since it was listed: its successor loads from the database.
+                Ok(None) => {}
+                Ok(Some(Ok(WalletSnapshot::Busy))) | Err(_) => check.busy += 1,
+                Ok(Some(Err(error))) => {
+                    tracing::warn!(%user_id, %error, "wallet snapshot failed");
+                    check.busy += 1;
+                }
+            }
+        }
+        check
+    }
+}
+
+#[derive(Default)]
+struct WalletCheck {
+    checked: usize,
+    busy: usize,
+    mismatches: Vec<WalletMismatch>,
+}
+
+/// Every grant whose status or balance differs between memory and the database, or that only
+/// one side holds.
+fn compare_wallet(user_id: UserId, memory: &[Grant], stored: &[Grant]) -> Vec<WalletMismatch> {
+    let mut sides: BTreeMap<UserPackageId, (Option<GrantView>, Option<GrantView>)> =
+        BTreeMap::new();
+    for grant in memory {
+        sides.entry(grant.id).or_default().0 = Some(GrantView::of(grant));
+    }
+    for grant in stored {
+        sides.entry(grant.id).or_default().1 = Some(GrantView::of(grant));
+    }
+    sides
+        .into_iter()
+        .filter(|(_, (memory, stored))| memory != stored)
+        .map(|(id, (memory, stored))| WalletMismatch {
+            user_id: user_id.get(),
+            user_package_id: id.get(),
+            memory,
+            stored,
+        })
+        .collect()
+}
+
+/// Starts the periodic reconciliation on `tracker`; it stops when `stop` fires (a run in
+/// progress is dropped: it only reads, and its events go in one statement). An `interval` of
+/// zero disables it. The first run is one interval after start.
+pub fn spawn_reconciliation(
+    reconciler: Arc<Reconciler>,
+    interval: Duration,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    if interval.is_zero() {
+        tracing::info!("reconciliation job disabled");
+        return;
+    }
+    tracker.spawn(async move {
+        let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                result = reconciler.run() => match result {
+                    Ok(report) => tracing::info!(
+                        checked_grants = report.checked_grants,
+                        checked_wallets = report.checked_wallets,
+                        busy_wallets = report.busy_wallets,
+                        mismatches = report.mismatches.len(),
+                        truncated = report.truncated,
+                        "reconciliation run finished"
+                    ),
+                    Err(error) => tracing::warn!(%error, "reconciliation run failed"),
+                },
+            }
+        }
+        tracing::info!("reconciliation job stopped");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limited(id: i64, remaining: i64, used: i64) -> Grant {
+        Grant {
+            id: UserPackageId(id),
+            priority: 100,
+            expires_at: None,
+            status: GrantStatus::Active,
+            balance: Balance::Limited {
+                total: Credits::new(remaining + used).unwrap(),
+                used: Credits::new(used).unwrap(),
+                remaining: Credits::new(remaining).unwrap(),
+                expired: Credits::ZERO,
+            },
+        }
+    }
+
+    #[test]
+    fn equal_sides_agree() {
+        let grants = vec![limited(1, 5, 5), limited(2, 10, 0)];
+        assert!(compare_wallet(UserId(7), &grants, &grants).is_empty());
+    }
+
+    #[test]
+    fn a_differing_balance_and_a_one_sided_grant_are_reported() {
+        let memory = vec![limited(1, 5, 5), limited(2, 10, 0)];
+        let stored = vec![limited(1, 4, 6), limited(3, 1, 0)];
+        let found = compare_wallet(UserId(7), &memory, &stored);
+        let ids: Vec<i64> = found.iter().map(|m| m.user_package_id).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        assert_eq!(found[0].memory.as_ref().unwrap().remaining_credits.get(), 5);
+        assert_eq!(found[0].stored.as_ref().unwrap().remaining_credits.get(), 4);
+        assert!(found[1].stored.is_none());
+        assert!(found[2].memory.is_none());
+    }
+}

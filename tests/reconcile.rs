@@ -1,0 +1,201 @@
+//! Reconciliation: the ledger and live wallets against the database, reported and never fixed.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+const PATH: &str = "/api/admin/billing/reconciliation";
+
+async fn mismatch_events(pool: &PgPool) -> Vec<(Option<i64>, Value)> {
+    sqlx::query_as(
+        "SELECT user_id, payload FROM billing_events
+         WHERE kind = 'billing_reconciliation_mismatch' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn balance_of(pool: &PgPool, id: i64) -> (String, i64, i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT status, total_credits, used_credits, remaining_credits, expired_credits
+         FROM user_packages WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn a_clean_ledger_after_deducts_and_refunds_reports_nothing(pool: PgPool) {
+    let credits = create_package(&pool, "credits", Some(100), None).await;
+    let unlimited = create_package(&pool, "permanent", None, None).await;
+    let engine = engine(pool.clone()).await;
+    engine.grant(5, credits, json!({})).await;
+    engine.grant(6, unlimited, json!({})).await;
+    for (user_id, key) in [(5, "a"), (5, "b"), (6, "c")] {
+        let (status, body) = engine
+            .deduct(json!({"user_id": user_id, "action_key": "advanced_analysis", "idempotency_key": key}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    for (user_id, key) in [(5, "a"), (6, "c")] {
+        let (status, body) = engine
+            .refund(json!({"user_id": user_id, "idempotency_key": key}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    let (status, report) = engine.admin("GET", PATH, None).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["mismatches"], json!([]));
+    assert_eq!(report["truncated"], false);
+    // Both grants were read, and both wallets (idle once the refunds answered) compared.
+    assert_eq!(report["checked_grants"], 2);
+    assert_eq!(report["checked_wallets"], 2);
+    assert!(report["checked_at"].is_string());
+    assert!(mismatch_events(&pool).await.is_empty());
+    engine.stop().await;
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn a_planted_ledger_mismatch_is_reported_and_written_but_not_fixed(pool: PgPool) {
+    let credits = create_package(&pool, "credits", Some(100), None).await;
+    let engine = engine(pool.clone()).await;
+    let grant = engine.grant(5, credits, json!({})).await;
+    let (status, _) = engine
+        .deduct(json!({"user_id": 5, "action_key": "advanced_analysis"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Restart first, so no live wallet holds the grant and only the ledger disagrees.
+    engine.stop().await;
+    let engine = common::engine(pool.clone()).await;
+    sqlx::query(
+        "UPDATE user_packages SET used_credits = used_credits + 5,
+             remaining_credits = remaining_credits - 5 WHERE id = $1",
+    )
+    .bind(grant)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let planted = balance_of(&pool, grant).await;
+    assert_eq!(planted, ("active".into(), 100, 8, 92, 0));
+
+    let (status, report) = engine.admin("GET", PATH, None).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let expected = json!({
+        "kind": "ledger", "user_id": 5, "user_package_id": grant, "status": "active",
+        "unlimited": false, "total_credits": 100, "used_credits": 8, "remaining_credits": 92,
+        "expired_credits": 0, "ledger_used_credits": 3, "difference": 5,
+    });
+    assert_eq!(report["mismatches"], json!([expected]));
+    assert_eq!(report["checked_wallets"], 0);
+
+    // One event with the details; the row is exactly as planted.
+    assert_eq!(mismatch_events(&pool).await, vec![(Some(5), expected)]);
+    assert_eq!(balance_of(&pool, grant).await, planted);
+
+    // Every run reports it again (and writes it again): nothing was silently repaired.
+    let (_, again) = engine.admin("GET", PATH, None).await;
+    assert_eq!(again["mismatches"].as_array().unwrap().len(), 1);
+    assert_eq!(mismatch_events(&pool).await.len(), 2);
+    engine.stop().await;
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn a_wallet_whose_memory_disagrees_with_the_database_is_reported(pool: PgPool) {
+    let credits = create_package(&pool, "credits", Some(100), None).await;
+    let engine = engine(pool.clone()).await;
+    let grant = engine.grant(5, credits, json!({})).await;
+    let (status, _) = engine
+        .deduct(json!({"user_id": 5, "action_key": "advanced_analysis"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Behind the live wallet's back, and balanced on its own: 10 more granted. Only the
+    // wallet, which still believes 97 remain, disagrees.
+    sqlx::query(
+        "UPDATE user_packages SET total_credits = total_credits + 10,
+             remaining_credits = remaining_credits + 10 WHERE id = $1",
+    )
+    .bind(grant)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let (status, report) = engine.admin("GET", PATH, None).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["checked_wallets"], 1);
+    let view = |total: i64, remaining: i64| {
+        json!({"status": "active", "unlimited": false, "total_credits": total,
+               "used_credits": 3, "remaining_credits": remaining, "expired_credits": 0})
+    };
+    let expected = json!({
+        "kind": "wallet", "user_id": 5, "user_package_id": grant,
+        "memory": view(100, 97), "stored": view(110, 107),
+    });
+    assert_eq!(report["mismatches"], json!([expected]));
+    assert_eq!(mismatch_events(&pool).await, vec![(Some(5), expected)]);
+    // Memory was not overwritten either: the wallet still disagrees on the next run.
+    let (_, again) = engine.admin("GET", PATH, None).await;
+    assert_eq!(again["mismatches"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        balance_of(&pool, grant).await,
+        ("active".into(), 110, 3, 107, 0)
+    );
+    engine.stop().await;
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn only_admins_may_run_reconciliation(pool: PgPool) {
+    let engine = engine(pool.clone()).await;
+    let (status, body) = engine.get(PATH, Some(&user_token(5))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, _) = engine.get(PATH, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(mismatch_events(&pool).await.is_empty());
+    engine.stop().await;
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn the_background_job_writes_mismatches_and_stops_with_the_engine(pool: PgPool) {
+    let credits = create_package(&pool, "credits", Some(100), None).await;
+    let grant: i64 = sqlx::query_scalar(
+        "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
+             total_credits, used_credits, remaining_credits, activated_at)
+         VALUES (9, $1, 'gift', 'active', 100, false, 100, 4, 96, now()) RETURNING id",
+    )
+    .bind(credits)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let mut settings = settings("postgres://unused");
+    settings.reconcile_interval_secs = 1;
+    let clock = std::sync::Arc::new(credits_engine::clock::ManualClock::new(start_time()));
+    let app = credits_engine::app::App::build_with(pool.clone(), settings, clock)
+        .await
+        .unwrap();
+
+    // Used 4 with no allocation behind it: the job finds it within a few intervals.
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = mismatch_events(&pool).await;
+        if !events.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (user_id, payload) = events.first().expect("the job wrote a mismatch event");
+    assert_eq!(*user_id, Some(9));
+    assert_eq!(payload["user_package_id"], grant);
+    assert_eq!(payload["difference"], 4);
+    // Stopping waits for the job: it would hang here if the job ignored its stop.
+    app.stop().await;
+    assert_eq!(
+        balance_of(&pool, grant).await,
+        ("active".into(), 100, 4, 96, 0)
+    );
+}

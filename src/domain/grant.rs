@@ -299,3 +299,84 @@ impl NewGrant {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap()
+    }
+
+    fn limited(status: GrantStatus, remaining: i64, used: i64) -> Grant {
+        Grant {
+            id: UserPackageId(1),
+            priority: 100,
+            expires_at: None,
+            status,
+            balance: Balance::Limited {
+                total: Credits::new(remaining + used).unwrap(),
+                used: Credits::new(used).unwrap(),
+                remaining: Credits::new(remaining).unwrap(),
+                expired: Credits::ZERO,
+            },
+        }
+    }
+
+    #[test]
+    fn activation_starts_the_duration_now_unless_an_expiry_was_fixed() {
+        let mut grant = limited(GrantStatus::Pending, 10, 0);
+        let activation = grant.activate(now(), Some(30)).unwrap();
+        assert_eq!(activation.expires_at, Some(now() + Duration::days(30)));
+        assert_eq!(grant.status, GrantStatus::Active);
+        assert_eq!(
+            grant.activate(now(), Some(30)),
+            Err(GrantChangeError::NotPending(GrantStatus::Active))
+        );
+
+        let fixed = now() + Duration::days(3);
+        let mut gift = limited(GrantStatus::Pending, 10, 0);
+        gift.expires_at = Some(fixed);
+        assert_eq!(
+            gift.activate(now(), Some(30)).unwrap().expires_at,
+            Some(fixed)
+        );
+
+        let mut late = limited(GrantStatus::Pending, 10, 0);
+        late.expires_at = Some(now());
+        assert_eq!(
+            late.activate(now(), Some(30)),
+            Err(GrantChangeError::ExpiryPassed)
+        );
+        assert_eq!(
+            late.status,
+            GrantStatus::Pending,
+            "a refused activation changes nothing"
+        );
+    }
+
+    #[test]
+    fn ending_a_grant_voids_what_remains_and_keeps_the_balance_identity() {
+        let mut grant = limited(GrantStatus::Active, 7, 3);
+        assert_eq!(grant.end(GrantStatus::Revoked), Credits::new(7).unwrap());
+        assert_eq!(grant.status, GrantStatus::Revoked);
+        assert_eq!(
+            grant.balance,
+            Balance::Limited {
+                total: Credits::new(10).unwrap(),
+                used: Credits::new(3).unwrap(),
+                remaining: Credits::ZERO,
+                expired: Credits::new(7).unwrap(),
+            }
+        );
+        let mut unlimited = Grant {
+            balance: Balance::Unlimited {
+                used: Credits::new(4).unwrap(),
+            },
+            ..limited(GrantStatus::Active, 0, 0)
+        };
+        assert_eq!(unlimited.end(GrantStatus::Expired), Credits::ZERO);
+        assert_eq!(unlimited.status, GrantStatus::Expired);
+    }
+}

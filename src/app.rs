@@ -99,7 +99,19 @@ impl App {
             supervisor_stop.clone(),
             &tracker,
         );
+        let expirer = Arc::new(supervisor::Expirer::new(
+            pool.clone(),
+            registry.clone(),
+            clock.clone(),
+        ));
+        supervisor::spawn_expiry(
+            expirer.clone(),
+            settings.expiry_tick(),
+            supervisor_stop.clone(),
+            &tracker,
+        );
         let state = AppState {
+            expirer,
             registry,
             reconciler,
             catalog,
@@ -131,6 +143,11 @@ impl App {
     }
 
     /// The router over this engine, for driving it without a socket.
+    /// The expiry job's worker (tests run it by hand with the job's tick disabled).
+    pub fn expirer(&self) -> Arc<supervisor::Expirer> {
+        self.state.expirer.clone()
+    }
+
     pub fn router(&self) -> Router {
         http::router(self.state.clone())
     }

@@ -39,6 +39,13 @@ impl ManualClock {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *now += by;
     }
+
+    pub fn set(&self, at: DateTime<Utc>) {
+        *self
+            .now
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = at;
+    }
 }
 
 impl Clock for ManualClock {

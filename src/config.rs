@@ -112,6 +112,12 @@ pub struct Settings {
     #[arg(long, env = "CREDITS_RECONCILE_INTERVAL_SECS", default_value_t = 300)]
     pub reconcile_interval_secs: u64,
 
+    /// Milliseconds between expiry ticks (grants past `expires_at` are marked expired and their
+    /// remaining credits recorded as void); 0 disables the job. Spending stops at `expires_at`
+    /// whatever the tick.
+    #[arg(long, env = "CREDITS_EXPIRY_TICK_MS", default_value_t = 1_000)]
+    pub expiry_tick_ms: u64,
+
     /// Longest a graceful shutdown waits for in-flight requests before it stops anyway.
     #[arg(long, env = "CREDITS_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
     pub shutdown_timeout_ms: u64,
@@ -133,6 +139,10 @@ impl Settings {
 
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_secs(self.reconcile_interval_secs)
+    }
+
+    pub fn expiry_tick(&self) -> Duration {
+        Duration::from_millis(self.expiry_tick_ms)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

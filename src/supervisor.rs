@@ -1,4 +1,11 @@
-//! Housekeeping beside the request path. Today: reconciliation.
+//! Housekeeping beside the request path: grant expiry and reconciliation.
+//!
+//! Expiry: a grant is never spendable at or after its `expires_at` (the ledger checks validity
+//! against the clock on every deduct). The expiry job then records it: each tick reads the due
+//! grants from the expiry index and asks each owner's wallet to expire them, so the change
+//! goes through the wallet and the batch writer like any other and is written once, with its
+//! `billing_package_expired` event. The first tick runs at start-up and catches up on grants
+//! that expired while the engine was down.
 //!
 //! Reconciliation compares every grant's stored balance with its ledger (see
 //! [`crate::store::reconcile`] for the formula) and each live wallet's memory with the database.
@@ -291,6 +298,95 @@ pub fn spawn_reconciliation(
             }
         }
         tracing::info!("reconciliation job stopped");
+    });
+}
+
+/// Due grants read per query; a tick reads again while a full page comes back.
+pub const EXPIRIES_PER_QUERY_MAX: i64 = 1_000;
+/// Queries one tick makes at most, bounding a catch-up after a long outage to this many pages
+/// per tick (the next tick goes on).
+const EXPIRY_QUERIES_PER_TICK_MAX: usize = 100;
+
+/// Marks due grants expired through their wallets.
+pub struct Expirer {
+    pool: PgPool,
+    registry: Arc<Registry>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Expirer {
+    pub fn new(pool: PgPool, registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Expirer {
+        Expirer {
+            pool,
+            registry,
+            clock,
+        }
+    }
+
+    /// Expires every grant due at the clock's now; answers how many this run expired. A grant
+    /// that another run, or an operator's revoke, ended first is skipped.
+    pub async fn run_once(&self) -> Result<usize, crate::error::EngineError> {
+        let mut expired = 0;
+        for _ in 0..EXPIRY_QUERIES_PER_TICK_MAX {
+            let now = self.clock.now();
+            let due = crate::store::due_expiries(&self.pool, now, EXPIRIES_PER_QUERY_MAX).await?;
+            let full = due.len() as i64 == EXPIRIES_PER_QUERY_MAX;
+            let mut progressed = false;
+            for (user_id, grant_id) in due {
+                let answer = self
+                    .registry
+                    .ask(user_id, |reply| WalletMsg::Expire { grant_id, reply })
+                    .await;
+                match answer {
+                    Ok(_) => {
+                        expired += 1;
+                        progressed = true;
+                    }
+                    Err(crate::error::EngineError::GrantStatusConflict { .. }) => {}
+                    Err(error) => {
+                        tracing::warn!(%user_id, %error, "grant expiry deferred to the next tick");
+                    }
+                }
+            }
+            if !full || !progressed {
+                break;
+            }
+        }
+        Ok(expired)
+    }
+}
+
+/// Runs the expiry job: once at start (catch-up), then every `tick`, until `stop`.
+pub fn spawn_expiry(
+    expirer: Arc<Expirer>,
+    tick: Duration,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    if tick.is_zero() {
+        tracing::info!("expiry job disabled");
+        return;
+    }
+    tracker.spawn(async move {
+        let mut ticks = tokio::time::interval(tick);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                result = expirer.run_once() => match result {
+                    Ok(0) => {}
+                    Ok(expired) => tracing::info!(expired, "grants expired"),
+                    Err(error) => tracing::warn!(%error, "expiry run failed; retrying next tick"),
+                },
+            }
+        }
+        tracing::info!("expiry job stopped");
     });
 }
 

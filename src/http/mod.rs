@@ -37,6 +37,8 @@ const READINESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct AppState {
+    /// The expiry job's worker, also run on demand by tests.
+    pub expirer: Arc<crate::supervisor::Expirer>,
     pub registry: Arc<Registry>,
     /// Runs reconciliation on demand (the supervisor's job shares it).
     pub reconciler: Arc<Reconciler>,

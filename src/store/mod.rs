@@ -573,3 +573,25 @@ pub async fn live_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<GrantList
     .fetch_all(pool)
     .await
 }
+
+/// Live grants at or past their expiry, soonest first: the expiry schedule, read through the
+/// `user_packages_live_expiry` index (only due rows are touched, not every user).
+pub async fn due_expiries(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(UserId, UserPackageId)>, sqlx::Error> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT user_id, id FROM user_packages
+         WHERE status IN ('active', 'depleted') AND expires_at <= $1
+         ORDER BY expires_at, id LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(user_id, id)| (UserId(user_id), UserPackageId(id)))
+        .collect())
+}

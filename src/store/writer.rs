@@ -102,6 +102,8 @@ pub enum GrantChange {
     Revoke {
         reason: Option<String>,
     },
+    /// The grant reached its `expires_at`; what remains is void, as for a revoke.
+    Expire,
 }
 
 #[derive(Debug)]
@@ -686,6 +688,7 @@ impl GrantChange {
         match self {
             GrantChange::Activate(_) => "billing_package_activate",
             GrantChange::Revoke { .. } => "billing_package_revoke",
+            GrantChange::Expire => "billing_package_expired",
         }
     }
 
@@ -702,6 +705,12 @@ impl GrantChange {
                 "package_id": row.package_id,
                 "voided_credits": voided,
                 "reason": reason,
+            }),
+            GrantChange::Expire => json!({
+                "user_package_id": row.id,
+                "package_id": row.package_id,
+                "voided_credits": voided,
+                "expires_at": row.expires_at,
             }),
         }
     }
@@ -731,24 +740,28 @@ async fn write_grant_change(
             .bind(effect.at);
             (query, 0)
         }
-        GrantChange::Revoke { .. } => {
+        GrantChange::Revoke { .. } | GrantChange::Expire => {
+            let (ended, live) = match effect.change {
+                GrantChange::Expire => ("expired", "('active', 'depleted')"),
+                _ => ("revoked", "('pending', 'active', 'depleted')"),
+            };
             // Locks the row: what it holds now is what is voided.
-            let remaining: Option<i64> = sqlx::query_scalar(
+            let remaining: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT remaining_credits FROM user_packages
-                 WHERE user_id = $1 AND id = $2 AND status IN ('pending', 'active', 'depleted')
-                 FOR UPDATE",
-            )
+                 WHERE user_id = $1 AND id = $2 AND status IN {live}
+                 FOR UPDATE"
+            )))
             .bind(effect.user_id.get())
             .bind(effect.grant_id.get())
             .fetch_optional(&mut *tx)
             .await?;
             let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "UPDATE user_packages
-                 SET status = 'revoked',
+                 SET status = '{ended}',
                      expired_credits = expired_credits + remaining_credits,
                      remaining_credits = 0,
                      updated_at = $3
-                 WHERE user_id = $1 AND id = $2 AND status IN ('pending', 'active', 'depleted')
+                 WHERE user_id = $1 AND id = $2 AND status IN {live}
                  RETURNING {columns}"
             )))
             .bind(effect.user_id.get())

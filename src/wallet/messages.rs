@@ -163,6 +163,12 @@ pub enum WalletMsg {
         reason: Option<String>,
         reply: Reply<UserPackageRow>,
     },
+    /// The supervisor found the grant past its `expires_at`: mark it expired (its remaining
+    /// credits void). Answers a status conflict when the grant has already ended or is not due.
+    Expire {
+        grant_id: UserPackageId,
+        reply: Reply<UserPackageRow>,
+    },
     /// The host application announced the user: assign the new-user packages once.
     Register {
         grants: Vec<NewGrant>,

@@ -174,6 +174,24 @@ impl Actor for Wallet {
                     .change_grant(&myself, grant_id, "revoked", change, reply)
                     .await;
             }
+            WalletMsg::Expire { grant_id, reply } => {
+                let now = state.deps.clock.now();
+                let change = move |grant: &mut Grant| {
+                    let due = grant.expires_at.is_some_and(|at| at <= now)
+                        && matches!(grant.status, GrantStatus::Active | GrantStatus::Depleted);
+                    if !due {
+                        return Err(EngineError::GrantStatusConflict {
+                            status: grant.status.as_str().to_owned(),
+                            change: "expired (it is not due)",
+                        });
+                    }
+                    grant.end(GrantStatus::Expired);
+                    Ok(GrantChange::Expire)
+                };
+                state
+                    .change_grant(&myself, grant_id, "expired", change, reply)
+                    .await;
+            }
             WalletMsg::Register { grants, reply } => {
                 let _ = reply.send(state.register(grants).await);
             }

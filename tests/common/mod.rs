@@ -26,6 +26,8 @@ pub fn settings(database_url: &str) -> Settings {
     settings.service_tokens = vec![Secret::new(SERVICE_TOKEN)];
     settings.jwt_secret = Some(Secret::new(JWT_SECRET));
     settings.db_pool_max = 8;
+    // Tests drive expiry by hand (`app.expirer().run_once()`) at the times they choose.
+    settings.expiry_tick_ms = 0;
     settings
 }
 

@@ -78,6 +78,7 @@ impl App {
             limits: WalletLimits {
                 enqueue_wait: settings.enqueue_wait(),
                 idempotency_cache_max: settings.idempotency_cache_max,
+                idle: settings.wallet_idle(),
             },
         });
         let registry = Arc::new(Registry::new(
@@ -143,6 +144,11 @@ impl App {
     }
 
     /// The router over this engine, for driving it without a socket.
+    /// Wallets in memory now.
+    pub fn wallets_in_memory(&self) -> usize {
+        self.state.registry.live_len()
+    }
+
     /// The expiry job's worker (tests run it by hand with the job's tick disabled).
     pub fn expirer(&self) -> Arc<supervisor::Expirer> {
         self.state.expirer.clone()

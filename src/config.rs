@@ -112,6 +112,11 @@ pub struct Settings {
     #[arg(long, env = "CREDITS_RECONCILE_INTERVAL_SECS", default_value_t = 300)]
     pub reconcile_interval_secs: u64,
 
+    /// Milliseconds a wallet may sit idle (no request, nothing in flight) before it leaves
+    /// memory; 0 keeps wallets until shutdown.
+    #[arg(long, env = "CREDITS_WALLET_IDLE_MS", default_value_t = 300_000)]
+    pub wallet_idle_ms: u64,
+
     /// Milliseconds between expiry ticks (grants past `expires_at` are marked expired and their
     /// remaining credits recorded as void); 0 disables the job. Spending stops at `expires_at`
     /// whatever the tick.
@@ -139,6 +144,10 @@ impl Settings {
 
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_secs(self.reconcile_interval_secs)
+    }
+
+    pub fn wallet_idle(&self) -> Option<Duration> {
+        (self.wallet_idle_ms > 0).then(|| Duration::from_millis(self.wallet_idle_ms))
     }
 
     pub fn expiry_tick(&self) -> Duration {

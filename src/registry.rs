@@ -19,6 +19,35 @@ use crate::wallet::{Reply, Wallet, WalletArgs, WalletDeps, WalletMsg};
 /// How often a request retries after finding a stopped wallet before giving up with `503`.
 const STALE_WALLET_RETRIES_MAX: usize = 3;
 
+/// The high bit of a wallet's mailbox counter: set by the wallet itself, only while the
+/// counter is zero, when it passivates. A request is admitted by raising the counter with a
+/// compare-and-swap that fails once the bit is set, so no request can slip into the mailbox of
+/// a wallet that has decided to stop: it goes to a fresh wallet instead.
+pub const WALLET_CLOSING: usize = 1 << (usize::BITS - 1);
+
+enum Admission {
+    Admitted,
+    Full,
+    Closing,
+}
+
+fn admit(depth: &AtomicUsize, max: usize) -> Admission {
+    let mut current = depth.load(Ordering::Acquire);
+    loop {
+        if current & WALLET_CLOSING != 0 {
+            return Admission::Closing;
+        }
+        if current >= max {
+            return Admission::Full;
+        }
+        match depth.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return Admission::Admitted,
+            Err(seen) => current = seen,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct RegistryLimits {
     /// Wallets in memory at once; a request for a new user beyond it is `503 overloaded`.
@@ -53,6 +82,12 @@ impl Registry {
         self.wallets.len()
     }
 
+    /// Wallets in memory that have not passivated.
+    pub fn live_len(&self) -> usize {
+        self.sweep_passivated();
+        self.wallets.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.wallets.is_empty()
     }
@@ -74,12 +109,19 @@ impl Registry {
     async fn tell(&self, user_id: UserId, mut message: WalletMsg) -> Result<(), EngineError> {
         for _ in 0..STALE_WALLET_RETRIES_MAX {
             let handle = self.get_or_spawn(user_id).await?;
-            let depth = handle.mailbox_depth.fetch_add(1, Ordering::AcqRel);
-            if depth >= self.limits.mailbox_max {
-                handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
-                return Err(EngineError::Overloaded(
-                    "this user's wallet mailbox is full",
-                ));
+            match admit(&handle.mailbox_depth, self.limits.mailbox_max) {
+                Admission::Admitted => {}
+                Admission::Full => {
+                    return Err(EngineError::Overloaded(
+                        "this user's wallet mailbox is full",
+                    ));
+                }
+                Admission::Closing => {
+                    // Passivated: it admits nothing more and has nothing in flight, so its
+                    // successor may load from the database right away.
+                    self.forget(user_id, &handle.actor);
+                    continue;
+                }
             }
             match handle.actor.send_message(message) {
                 Ok(()) => return Ok(()),
@@ -102,6 +144,9 @@ impl Registry {
         let cell = match self.wallets.get(&user_id) {
             Some(cell) => cell.clone(),
             None => {
+                if self.wallets.len() >= self.limits.wallets_max {
+                    self.sweep_passivated();
+                }
                 if self.wallets.len() >= self.limits.wallets_max {
                     return Err(EngineError::Overloaded("too many wallets in memory"));
                 }
@@ -138,6 +183,16 @@ impl Registry {
                 ))
             }
         }
+    }
+
+    /// Drops the entries of wallets that passivated and were not asked for since (done when the
+    /// map is full, and by `live_len`).
+    pub fn sweep_passivated(&self) {
+        self.wallets.retain(|_, cell| {
+            cell.get().is_none_or(|handle| {
+                handle.mailbox_depth.load(Ordering::Acquire) & WALLET_CLOSING == 0
+            })
+        });
     }
 
     /// Drops the entry of a wallet that stopped, unless a newer wallet already replaced it.
@@ -184,12 +239,17 @@ impl Registry {
         make: impl FnOnce(Reply<T>) -> WalletMsg,
     ) -> Option<Result<T, EngineError>> {
         let handle = self.wallets.get(&user_id)?.get()?.clone();
-        let depth = handle.mailbox_depth.fetch_add(1, Ordering::AcqRel);
-        if depth >= self.limits.mailbox_max {
-            handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
-            return Some(Err(EngineError::Overloaded(
-                "this user's wallet mailbox is full",
-            )));
+        match admit(&handle.mailbox_depth, self.limits.mailbox_max) {
+            Admission::Admitted => {}
+            Admission::Full => {
+                return Some(Err(EngineError::Overloaded(
+                    "this user's wallet mailbox is full",
+                )));
+            }
+            Admission::Closing => {
+                self.forget(user_id, &handle.actor);
+                return None;
+            }
         }
         let (reply, answer) = oneshot::channel();
         if handle.actor.send_message(make(reply)).is_err() {

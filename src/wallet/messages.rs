@@ -176,6 +176,8 @@ pub enum WalletMsg {
     },
     /// Reconciliation asks for the wallet's memory next to the database's rows.
     Snapshot { reply: Reply<WalletSnapshot> },
+    /// The wallet's own idle timer: stop if idle with nothing in flight.
+    Passivate,
     /// From the batch writer, once per batch that held effects of this wallet.
     Settled(Vec<Settlement>),
 }
@@ -199,6 +201,6 @@ impl WalletMsg {
     /// Requests count against the mailbox limit; settlements do not (they are bounded by the
     /// writer's queue, and refusing them would strand the wallet).
     pub fn is_request(&self) -> bool {
-        !matches!(self, WalletMsg::Settled(_))
+        !matches!(self, WalletMsg::Settled(_) | WalletMsg::Passivate)
     }
 }

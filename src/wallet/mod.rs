@@ -21,11 +21,15 @@ pub use messages::*;
 use crate::clock::Clock;
 use crate::domain::{self, ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
 use crate::error::EngineError;
+use crate::registry::WALLET_CLOSING;
 use crate::store::writer::{
     self, DeductEffect, Effect, Envelope, GrantChange, GrantEffect, Origin, RefundEffect,
     WriterHandle,
 };
 use crate::store::{self, StoredConsumption, UserPackageRow};
+
+/// Shortest period between a wallet's idle checks.
+const PASSIVATION_CHECK_MIN: Duration = Duration::from_millis(10);
 
 /// What every wallet shares.
 pub struct WalletDeps {
@@ -41,6 +45,9 @@ pub struct WalletLimits {
     pub enqueue_wait: Duration,
     /// Committed idempotency keys remembered per wallet; older ones fall back to the database.
     pub idempotency_cache_max: usize,
+    /// A wallet with no request for this long, and nothing in flight, stops (passivates) and
+    /// leaves memory; its user's next request loads a fresh one. `None`: wallets stay.
+    pub idle: Option<Duration>,
 }
 
 pub struct WalletArgs {
@@ -85,6 +92,8 @@ pub struct WalletState {
     epoch: u64,
     /// Bumped by the writer when a batch holding this wallet's effects fails.
     epoch_cell: Arc<AtomicU64>,
+    /// When the last request arrived, for idle passivation.
+    last_request: tokio::time::Instant,
 }
 
 impl Actor for Wallet {
@@ -110,7 +119,21 @@ impl Actor for Wallet {
             in_flight: 0,
             epoch: 0,
             epoch_cell: Arc::new(AtomicU64::new(0)),
+            last_request: tokio::time::Instant::now(),
         })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<WalletMsg>,
+        state: &mut WalletState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(idle) = state.deps.limits.idle {
+            // The timer task ends by itself when the wallet stops.
+            let check_every = (idle / 2).max(PASSIVATION_CHECK_MIN);
+            myself.send_interval(check_every, || WalletMsg::Passivate);
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -121,6 +144,7 @@ impl Actor for Wallet {
     ) -> Result<(), ActorProcessingErr> {
         if message.is_request() {
             state.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+            state.last_request = tokio::time::Instant::now();
         }
         match message {
             WalletMsg::Check {
@@ -199,6 +223,12 @@ impl Actor for Wallet {
                 let _ = reply.send(state.snapshot().await);
             }
             WalletMsg::Settled(settlements) => state.settle(&myself, settlements).await,
+            WalletMsg::Passivate => {
+                if state.may_passivate() {
+                    tracing::debug!(user_id = %state.user_id, "wallet passivated");
+                    myself.stop(Some("idle".into()));
+                }
+            }
         }
         Ok(())
     }
@@ -522,6 +552,28 @@ impl WalletState {
     /// (effects already handed to the writer are failed unwritten, as after a failed batch).
     fn reload_soon(&self) {
         self.epoch_cell.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// True, and from then on no request is admitted, when the wallet has been idle long
+    /// enough with nothing in flight and an empty mailbox (the closing bit is only set from
+    /// zero, so no admitted request can be stranded).
+    fn may_passivate(&self) -> bool {
+        let Some(idle) = self.deps.limits.idle else {
+            return false;
+        };
+        let quiet = self.last_request.elapsed() >= idle
+            && self.in_flight == 0
+            && self.refunds_in_flight.is_empty()
+            && self.refunds_awaiting_key.is_empty()
+            && !self
+                .keys
+                .values()
+                .any(|state| matches!(state, KeyState::InFlight { .. }));
+        quiet
+            && self
+                .mailbox_depth
+                .compare_exchange(0, WALLET_CLOSING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     /// Applies an operator's change to one grant in memory and hands it to the writer, behind

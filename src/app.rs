@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use sqlx::PgPool;
@@ -16,15 +17,21 @@ use crate::catalog::Catalog;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::http::{self, AppState, auth::Auth};
+use crate::metrics;
 use crate::registry::{Registry, RegistryLimits};
 use crate::store::{self, writer};
 use crate::supervisor::{self, Reconciler};
 use crate::wallet::{WalletDeps, WalletLimits};
 
+/// How often the supervisor samples readiness, the pool and the wallet count into the metrics.
+const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("cannot start the wallet supervisor: {0}")]
+    Supervisor(#[from] ractor::SpawnErr),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -34,6 +41,8 @@ pub enum StartupError {
 
 pub struct App {
     listener: TcpListener,
+    /// `/metrics` on its own address, when configured.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     /// Stops the writer lanes once nothing can hand them more work.
     writer_stop: CancellationToken,
@@ -58,6 +67,11 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> Result<App, StartupError> {
         store::migrate(&pool).await?;
+        let prometheus = metrics::install();
+        metrics::limits(
+            settings.wallets_max,
+            settings.writer_queue_max * settings.writer_lanes.max(1),
+        );
         let catalog = Arc::new(Catalog::load(&pool).await?);
         let tracker = TaskTracker::new();
         let writer_stop = CancellationToken::new();
@@ -81,13 +95,14 @@ impl App {
                 idle: settings.wallet_idle(),
             },
         });
-        let registry = Arc::new(Registry::new(
+        let registry = Registry::start(
             deps,
             RegistryLimits {
                 wallets_max: settings.wallets_max,
                 mailbox_max: settings.mailbox_max,
             },
-        ));
+        )
+        .await?;
         let reconciler = Arc::new(Reconciler::new(
             pool.clone(),
             registry.clone(),
@@ -111,7 +126,16 @@ impl App {
             supervisor_stop.clone(),
             &tracker,
         );
+        supervisor::spawn_health_probe(
+            pool.clone(),
+            registry.clone(),
+            prometheus.clone(),
+            HEALTH_PROBE_EVERY,
+            supervisor_stop.clone(),
+            &tracker,
+        );
         let state = AppState {
+            prometheus,
             expirer,
             registry,
             reconciler,
@@ -123,14 +147,14 @@ impl App {
             )),
             clock,
         };
-        let listener = TcpListener::bind(settings.listen_addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: settings.listen_addr,
-                source,
-            })?;
+        let listener = bind(settings.listen_addr).await?;
+        let metrics_listener = match settings.metrics_addr {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         Ok(App {
             listener,
+            metrics_listener,
             state,
             writer_stop,
             supervisor_stop,
@@ -143,10 +167,27 @@ impl App {
         self.listener.local_addr()
     }
 
-    /// The router over this engine, for driving it without a socket.
+    /// Where `/metrics` is served when it has its own address.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+    }
+
     /// Wallets in memory now.
     pub fn wallets_in_memory(&self) -> usize {
         self.state.registry.live_len()
+    }
+
+    /// Whether this user's wallet is in memory now (passivated ones are not).
+    pub fn wallet_loaded(&self, user_id: crate::domain::UserId) -> bool {
+        self.state.registry.is_loaded(user_id)
+    }
+
+    /// Test support: makes the user's wallet panic, as a bug would. False if it is not loaded.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_wallet_panic(&self, user_id: crate::domain::UserId) -> bool {
+        self.state.registry.inject_panic(user_id)
     }
 
     /// The expiry job's worker (tests run it by hand with the job's tick disabled).
@@ -154,8 +195,9 @@ impl App {
         self.state.expirer.clone()
     }
 
+    /// The router over this engine, for driving it without a socket.
     pub fn router(&self) -> Router {
-        http::router(self.state.clone())
+        http::router(self.state.clone(), self.metrics_listener.is_none())
     }
 
     /// Serves until `shutdown` completes, then drains and stops.
@@ -170,8 +212,24 @@ impl App {
             tracing::info!("shutdown requested: draining in-flight requests");
             signal.cancel();
         });
-        let server = axum::serve(self.listener, http::router(self.state.clone()))
-            .with_graceful_shutdown(stopping.clone().cancelled_owned());
+        let with_metrics = self.metrics_listener.is_none();
+        let server = axum::serve(
+            self.listener,
+            http::router(self.state.clone(), with_metrics),
+        )
+        .with_graceful_shutdown(stopping.clone().cancelled_owned());
+        if let Some(listener) = self.metrics_listener {
+            let metrics_router = http::metrics_router(self.state.clone());
+            let stopped = stopping.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, metrics_router)
+                    .with_graceful_shutdown(stopped.cancelled_owned())
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "the metrics listener failed");
+                }
+            });
+        }
         let deadline = async {
             stopping.cancelled().await;
             tokio::time::sleep(self.settings.shutdown_timeout()).await;
@@ -202,6 +260,12 @@ impl App {
         .stop()
         .await;
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })
 }
 
 /// The parts that outlive the HTTP server during shutdown.

@@ -62,6 +62,11 @@ pub struct Settings {
     #[arg(long, env = "CREDITS_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: SocketAddr,
 
+    /// Serve `/metrics` (Prometheus text format) on this address instead of the API's, so it
+    /// can stay on a private interface. Unset: `/metrics` is served on the API's address.
+    #[arg(long, env = "CREDITS_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Comma-separated bearer tokens for the internal API; none means it refuses all.
     #[arg(
         long,

@@ -33,7 +33,9 @@
 //! - [`registry`]: finds or spawns wallets.
 //! - [`store`]: every SQL statement; [`store::writer`] is the group-commit writer.
 //! - [`http`]: the router, one module per surface, the error body, and the OpenAPI document.
-//! - [`supervisor`]: housekeeping beside the path: periodic reconciliation.
+//! - [`supervisor`]: beside the path: grant expiry, reconciliation, the database health probe,
+//!   and restarts of wallets that panicked.
+//! - [`metrics`]: every Prometheus metric name, in one place.
 //! - [`app`]: wiring and shutdown order; [`config`]: flags and environment.
 
 pub mod app;
@@ -43,6 +45,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod registry;
 pub mod store;
 pub mod supervisor;

@@ -1,23 +1,50 @@
-//! Finds a user's wallet, spawning it on the user's first request.
+//! Finds a user's wallet, spawning it on the user's first request, and supervises wallets.
 //!
-//! The map holds a once-cell per user: concurrent first requests for one user all wait on the
-//! same spawn, so a user never gets two wallets. A request that finds a wallet which has
-//! stopped gets its message back from ractor (`SendErr`), drops the stale entry and retries with
-//! a fresh wallet, so no request is swallowed by a dead actor.
+//! The map holds a slot (a once-cell) per user: concurrent first requests for one user all wait
+//! on the same spawn, so a user never gets two wallets. A request that finds a wallet which has
+//! stopped gets its message back from ractor (`SendErr`), retires the stale slot and retries
+//! with a fresh wallet, so no request is swallowed by a dead actor.
+//!
+//! Supervision: wallets are linked to a [`WalletSupervisor`] actor. A wallet that panics is
+//! restarted from the database at once; the requests in its mailbox get a retryable `503`
+//! (their reply ports are dropped with it), and no other wallet notices. Its effects already
+//! handed to the writer still commit or fail, so the successor's slot names its predecessor and
+//! the successor loads only once those effects have settled: memory never misses a write that
+//! was in flight when the old wallet died.
+//!
+//! Limits: `wallets_max` wallets in memory. When the map is full, the least recently used
+//! wallets with nothing in flight are evicted (passivated) to make room; if none can go, the
+//! request is `503 overloaded`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use dashmap::DashMap;
-use ractor::{Actor, ActorRef, MessagingErr};
-use tokio::sync::{OnceCell, oneshot};
+use dashmap::mapref::entry::Entry;
+use ractor::{
+    Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, SpawnErr, SupervisionEvent,
+};
+use tokio::sync::{Mutex, OnceCell, oneshot};
 
 use crate::domain::UserId;
 use crate::error::EngineError;
-use crate::wallet::{Reply, Wallet, WalletArgs, WalletDeps, WalletMsg};
+use crate::metrics;
+use crate::wallet::{Reply, Wallet, WalletArgs, WalletDeps, WalletLife, WalletMsg};
 
 /// How often a request retries after finding a stopped wallet before giving up with `503`.
 const STALE_WALLET_RETRIES_MAX: usize = 3;
+
+/// Longest a restarted wallet waits for its predecessor's in-flight effects to settle before
+/// the request that needs it gets a retryable `503` (the next request waits again).
+const PREDECESSOR_SETTLE_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// Wallets asked to leave at once when the map is full: a share of `wallets_max`, at most this,
+/// so one scan of the map makes room for many spawns.
+const EVICTION_BATCH_MAX: usize = 256;
+
+/// Longest an eviction waits for one wallet's answer (a busy wallet is skipped).
+const EVICTION_ANSWER_WAIT: Duration = Duration::from_millis(50);
 
 /// The high bit of a wallet's mailbox counter: set by the wallet itself, only while the
 /// counter is zero, when it passivates. A request is admitted by raising the counter with a
@@ -26,7 +53,8 @@ const STALE_WALLET_RETRIES_MAX: usize = 3;
 pub const WALLET_CLOSING: usize = 1 << (usize::BITS - 1);
 
 enum Admission {
-    Admitted,
+    /// Admitted behind this many queued requests.
+    Admitted(usize),
     Full,
     Closing,
 }
@@ -42,7 +70,7 @@ fn admit(depth: &AtomicUsize, max: usize) -> Admission {
         }
         match depth.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire)
         {
-            Ok(_) => return Admission::Admitted,
+            Ok(_) => return Admission::Admitted(current),
             Err(seen) => current = seen,
         }
     }
@@ -50,7 +78,8 @@ fn admit(depth: &AtomicUsize, max: usize) -> Admission {
 
 #[derive(Clone, Copy, Debug)]
 pub struct RegistryLimits {
-    /// Wallets in memory at once; a request for a new user beyond it is `503 overloaded`.
+    /// Wallets in memory at once; beyond it the least recently used idle ones are evicted, and
+    /// if none can go a request for a new user is `503 overloaded`.
     pub wallets_max: usize,
     /// Requests queued in one wallet's mailbox; beyond it, `503 overloaded`.
     pub mailbox_max: usize,
@@ -59,22 +88,69 @@ pub struct RegistryLimits {
 #[derive(Clone)]
 struct WalletHandle {
     actor: ActorRef<WalletMsg>,
-    mailbox_depth: Arc<AtomicUsize>,
+    life: Arc<WalletLife>,
+}
+
+/// One user's place in the map.
+#[derive(Default)]
+struct Slot {
+    wallet: OnceCell<WalletHandle>,
+    /// The life this slot's wallet replaces, when that one died with effects in flight.
+    predecessor: Option<Arc<WalletLife>>,
+}
+
+impl Slot {
+    fn handle(&self) -> Option<&WalletHandle> {
+        self.wallet.get()
+    }
+
+    fn holds(&self, actor: &ActorRef<WalletMsg>) -> bool {
+        self.handle()
+            .is_some_and(|handle| handle.actor.get_id() == actor.get_id())
+    }
+
+    /// Nothing loaded and no predecessor still settling: safe to drop.
+    fn is_vacant(&self) -> bool {
+        self.wallet.get().is_none()
+            && self
+                .predecessor
+                .as_ref()
+                .is_none_or(|life| life.unsettled.is_empty())
+    }
 }
 
 pub struct Registry {
-    wallets: DashMap<UserId, Arc<OnceCell<WalletHandle>>>,
+    wallets: DashMap<UserId, Arc<Slot>>,
     deps: Arc<WalletDeps>,
     limits: RegistryLimits,
+    /// The wallets' supervisor, set once right after the registry is built.
+    supervisor: OnceLock<ActorRef<()>>,
+    /// One eviction pass at a time; the others wait for it and then find room.
+    evicting: Mutex<()>,
+    /// Counts admitted requests; each stamps its wallet's `last_use`, which orders wallets
+    /// from least to most recently used exactly (a clock would tie).
+    uses: AtomicU64,
 }
 
 impl Registry {
-    pub fn new(deps: Arc<WalletDeps>, limits: RegistryLimits) -> Registry {
-        Registry {
+    /// Builds the registry and starts the supervisor its wallets are linked to.
+    pub async fn start(
+        deps: Arc<WalletDeps>,
+        limits: RegistryLimits,
+    ) -> Result<Arc<Registry>, SpawnErr> {
+        let registry = Arc::new(Registry {
             wallets: DashMap::new(),
             deps,
             limits,
-        }
+            supervisor: OnceLock::new(),
+            evicting: Mutex::new(()),
+            uses: AtomicU64::new(0),
+        });
+        let (supervisor, _join) =
+            Actor::spawn(None, WalletSupervisor, Arc::downgrade(&registry)).await?;
+        // Set once, here, before the registry is shared.
+        let _ = registry.supervisor.set(supervisor);
+        Ok(registry)
     }
 
     /// Wallets currently in memory.
@@ -86,6 +162,16 @@ impl Registry {
     pub fn live_len(&self) -> usize {
         self.sweep_passivated();
         self.wallets.len()
+    }
+
+    /// Whether the user's wallet is loaded and has not passivated.
+    pub fn is_loaded(&self, user_id: UserId) -> bool {
+        self.wallets
+            .get(&user_id)
+            .and_then(|slot| slot.handle().cloned())
+            .is_some_and(|handle| {
+                handle.life.mailbox_depth.load(Ordering::Acquire) & WALLET_CLOSING == 0
+            })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -109,8 +195,8 @@ impl Registry {
     async fn tell(&self, user_id: UserId, mut message: WalletMsg) -> Result<(), EngineError> {
         for _ in 0..STALE_WALLET_RETRIES_MAX {
             let handle = self.get_or_spawn(user_id).await?;
-            match admit(&handle.mailbox_depth, self.limits.mailbox_max) {
-                Admission::Admitted => {}
+            match admit(&handle.life.mailbox_depth, self.limits.mailbox_max) {
+                Admission::Admitted(depth) => metrics::mailbox_depth(depth),
                 Admission::Full => {
                     return Err(EngineError::Overloaded(
                         "this user's wallet mailbox is full",
@@ -119,20 +205,24 @@ impl Registry {
                 Admission::Closing => {
                     // Passivated: it admits nothing more and has nothing in flight, so its
                     // successor may load from the database right away.
-                    self.forget(user_id, &handle.actor);
+                    self.retire(user_id, &handle);
                     continue;
                 }
             }
+            handle
+                .life
+                .last_use
+                .store(self.next_use(), Ordering::Relaxed);
             match handle.actor.send_message(message) {
                 Ok(()) => return Ok(()),
                 Err(MessagingErr::SendErr(returned)) => {
-                    handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
-                    self.forget(user_id, &handle.actor);
+                    handle.life.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+                    self.retire(user_id, &handle);
                     message = returned;
                 }
                 Err(_) => {
-                    handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
-                    self.forget(user_id, &handle.actor);
+                    handle.life.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+                    self.retire(user_id, &handle);
                     return Err(EngineError::Unavailable("the wallet stopped; retry"));
                 }
             }
@@ -140,42 +230,71 @@ impl Registry {
         Err(EngineError::Unavailable("the wallet keeps stopping; retry"))
     }
 
+    fn next_use(&self) -> u64 {
+        self.uses.fetch_add(1, Ordering::Relaxed)
+    }
+
     async fn get_or_spawn(&self, user_id: UserId) -> Result<WalletHandle, EngineError> {
-        let cell = match self.wallets.get(&user_id) {
-            Some(cell) => cell.clone(),
+        let slot = match self.wallets.get(&user_id) {
+            Some(slot) => slot.clone(),
             None => {
                 if self.wallets.len() >= self.limits.wallets_max {
-                    self.sweep_passivated();
-                }
-                if self.wallets.len() >= self.limits.wallets_max {
-                    return Err(EngineError::Overloaded("too many wallets in memory"));
+                    self.make_room().await?;
                 }
                 self.wallets.entry(user_id).or_default().clone()
             }
         };
-        match cell.get_or_try_init(|| self.spawn(user_id)).await {
+        let spawned = slot
+            .wallet
+            .get_or_try_init(|| self.spawn(user_id, slot.predecessor.clone()))
+            .await;
+        match spawned {
             Ok(handle) => Ok(handle.clone()),
             Err(error) => {
-                // Leave no empty cell behind to count against `wallets_max`.
-                self.wallets
-                    .remove_if(&user_id, |_, cell| cell.get().is_none());
+                // Leave no empty slot behind to count against `wallets_max`, unless it still
+                // has to hold back a successor until its predecessor's effects settle.
+                self.wallets.remove_if(&user_id, |_, current| {
+                    Arc::ptr_eq(current, &slot) && current.is_vacant()
+                });
                 Err(error)
             }
         }
     }
 
-    async fn spawn(&self, user_id: UserId) -> Result<WalletHandle, EngineError> {
-        let mailbox_depth = Arc::new(AtomicUsize::new(0));
+    async fn spawn(
+        &self,
+        user_id: UserId,
+        predecessor: Option<Arc<WalletLife>>,
+    ) -> Result<WalletHandle, EngineError> {
+        if let Some(predecessor) = predecessor {
+            let settled = predecessor.unsettled.wait_empty();
+            if tokio::time::timeout(PREDECESSOR_SETTLE_WAIT_MAX, settled)
+                .await
+                .is_err()
+            {
+                return Err(EngineError::Unavailable(
+                    "the wallet is restarting after a failure; retry",
+                ));
+            }
+        }
+        let life = Arc::new(WalletLife::default());
+        life.last_use.store(self.next_use(), Ordering::Relaxed);
         let args = WalletArgs {
             user_id,
             deps: self.deps.clone(),
-            mailbox_depth: mailbox_depth.clone(),
+            life: life.clone(),
         };
-        match Actor::spawn(None, Wallet, args).await {
-            Ok((actor, _join)) => Ok(WalletHandle {
-                actor,
-                mailbox_depth,
-            }),
+        let spawned = match self.supervisor.get() {
+            Some(supervisor) => {
+                Actor::spawn_linked(None, Wallet, args, supervisor.get_cell()).await
+            }
+            None => Actor::spawn(None, Wallet, args).await,
+        };
+        match spawned {
+            Ok((actor, _join)) => {
+                metrics::wallet_spawned();
+                Ok(WalletHandle { actor, life })
+            }
             Err(error) => {
                 tracing::warn!(%user_id, %error, "wallet failed to start");
                 Err(EngineError::Unavailable(
@@ -185,21 +304,96 @@ impl Registry {
         }
     }
 
+    /// The map is full: drops passivated entries, then asks the least recently used wallets
+    /// to leave. `503 overloaded` if none could (every wallet is busy).
+    async fn make_room(&self) -> Result<(), EngineError> {
+        let _one_pass = self.evicting.lock().await;
+        self.sweep_passivated();
+        if self.wallets.len() < self.limits.wallets_max {
+            return Ok(());
+        }
+        let batch = (self.limits.wallets_max / 64).clamp(1, EVICTION_BATCH_MAX);
+        for user_id in self.least_recently_used(batch) {
+            let evict = self.ask_live(user_id, |reply| WalletMsg::Evict { reply });
+            // A wallet that does not answer in time is busy, so not a candidate anyway.
+            let _ = tokio::time::timeout(EVICTION_ANSWER_WAIT, evict).await;
+        }
+        self.sweep_passivated();
+        if self.wallets.len() < self.limits.wallets_max {
+            Ok(())
+        } else {
+            Err(EngineError::Overloaded(
+                "too many wallets in memory, and none is idle",
+            ))
+        }
+    }
+
+    /// The `count` loaded wallets used longest ago.
+    fn least_recently_used(&self, count: usize) -> Vec<UserId> {
+        let mut candidates: Vec<(u64, UserId)> = self
+            .wallets
+            .iter()
+            .filter_map(|entry| {
+                let handle = entry.value().handle()?;
+                Some((handle.life.last_use.load(Ordering::Relaxed), *entry.key()))
+            })
+            .collect();
+        if candidates.len() > count {
+            candidates.select_nth_unstable(count);
+            candidates.truncate(count);
+        }
+        candidates.into_iter().map(|(_, user_id)| user_id).collect()
+    }
+
     /// Drops the entries of wallets that passivated and were not asked for since (done when the
     /// map is full, and by `live_len`).
     pub fn sweep_passivated(&self) {
-        self.wallets.retain(|_, cell| {
-            cell.get().is_none_or(|handle| {
-                handle.mailbox_depth.load(Ordering::Acquire) & WALLET_CLOSING == 0
+        self.wallets.retain(|_, slot| {
+            slot.handle().is_none_or(|handle| {
+                handle.life.mailbox_depth.load(Ordering::Acquire) & WALLET_CLOSING == 0
             })
         });
+        metrics::wallets_active(self.wallets.len());
     }
 
-    /// Drops the entry of a wallet that stopped, unless a newer wallet already replaced it.
-    fn forget(&self, user_id: UserId, stopped: &ActorRef<WalletMsg>) {
-        self.wallets.remove_if(&user_id, |_, cell| {
-            cell.get()
-                .is_some_and(|handle| handle.actor.get_id() == stopped.get_id())
+    /// Takes a wallet that stopped (passivated, or died) out of its slot, unless a newer wallet
+    /// already replaced it. If effects it handed over are still in flight, the slot keeps its
+    /// life as the predecessor its successor waits for.
+    fn retire(&self, user_id: UserId, stopped: &WalletHandle) {
+        if let Entry::Occupied(mut entry) = self.wallets.entry(user_id) {
+            if !entry.get().holds(&stopped.actor) {
+                return;
+            }
+            if stopped.life.unsettled.is_empty() {
+                entry.remove();
+            } else {
+                entry.insert(Arc::new(Slot {
+                    wallet: OnceCell::new(),
+                    predecessor: Some(stopped.life.clone()),
+                }));
+            }
+        }
+    }
+
+    /// The supervisor saw a wallet fail: retire it and start its successor now, so the user's
+    /// next request finds a loaded wallet.
+    fn restart_failed(self: Arc<Self>, failed: ActorId, reason: String) {
+        metrics::wallet_restarted();
+        let found = self.wallets.iter().find_map(|entry| {
+            let handle = entry.value().handle()?;
+            (handle.actor.get_id() == failed).then(|| (*entry.key(), handle.clone()))
+        });
+        // Already retired by a request that found it dead.
+        let Some((user_id, handle)) = found else {
+            tracing::error!(%failed, reason, "a wallet panicked; its user's next request restarts it");
+            return;
+        };
+        tracing::error!(%user_id, reason, "a wallet panicked; restarting it from the database");
+        self.retire(user_id, &handle);
+        tokio::spawn(async move {
+            if let Err(error) = self.get_or_spawn(user_id).await {
+                tracing::warn!(%user_id, %error, "restarting the wallet failed; the next request retries");
+            }
         });
     }
 
@@ -215,7 +409,7 @@ impl Registry {
             .wallets
             .iter()
             .skip(start)
-            .filter_map(|entry| entry.value().get().map(|_| *entry.key()))
+            .filter_map(|entry| entry.value().handle().map(|_| *entry.key()))
             .take(max)
             .collect();
         if users.len() < max {
@@ -224,37 +418,38 @@ impl Registry {
                 self.wallets
                     .iter()
                     .take(start)
-                    .filter_map(|entry| entry.value().get().map(|_| *entry.key()))
+                    .filter_map(|entry| entry.value().handle().map(|_| *entry.key()))
                     .take(more),
             );
         }
         users
     }
 
-    /// Asks the user's wallet only if one is in memory (`None` otherwise): reconciliation looks
-    /// at live wallets and must not load new ones. Counts against the mailbox like a request.
+    /// Asks the user's wallet only if one is in memory (`None` otherwise): reconciliation and
+    /// eviction look at live wallets and must not load new ones. Counts against the mailbox
+    /// like a request.
     pub async fn ask_live<T>(
         &self,
         user_id: UserId,
         make: impl FnOnce(Reply<T>) -> WalletMsg,
     ) -> Option<Result<T, EngineError>> {
-        let handle = self.wallets.get(&user_id)?.get()?.clone();
-        match admit(&handle.mailbox_depth, self.limits.mailbox_max) {
-            Admission::Admitted => {}
+        let handle = self.wallets.get(&user_id)?.handle()?.clone();
+        match admit(&handle.life.mailbox_depth, self.limits.mailbox_max) {
+            Admission::Admitted(_) => {}
             Admission::Full => {
                 return Some(Err(EngineError::Overloaded(
                     "this user's wallet mailbox is full",
                 )));
             }
             Admission::Closing => {
-                self.forget(user_id, &handle.actor);
+                self.retire(user_id, &handle);
                 return None;
             }
         }
         let (reply, answer) = oneshot::channel();
         if handle.actor.send_message(make(reply)).is_err() {
-            handle.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
-            self.forget(user_id, &handle.actor);
+            handle.life.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+            self.retire(user_id, &handle);
             return None;
         }
         Some(answer.await.unwrap_or(Err(EngineError::Unavailable(
@@ -262,13 +457,62 @@ impl Registry {
         ))))
     }
 
-    /// Stops every wallet (at shutdown, after the HTTP server has drained).
+    /// Test support: makes the user's wallet panic (only with the `fault-injection` feature).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_panic(&self, user_id: UserId) -> bool {
+        let Some(handle) = self
+            .wallets
+            .get(&user_id)
+            .and_then(|slot| slot.handle().cloned())
+        else {
+            return false;
+        };
+        handle.life.mailbox_depth.fetch_add(1, Ordering::AcqRel);
+        handle.actor.send_message(WalletMsg::Panic).is_ok()
+    }
+
+    /// Stops every wallet and their supervisor (at shutdown, after the HTTP server has drained).
     pub fn stop_all(&self) {
         for entry in self.wallets.iter() {
-            if let Some(handle) = entry.value().get() {
+            if let Some(handle) = entry.value().handle() {
                 handle.actor.stop(Some("engine shutting down".into()));
             }
         }
         self.wallets.clear();
+        if let Some(supervisor) = self.supervisor.get() {
+            supervisor.stop(Some("engine shutting down".into()));
+        }
+    }
+}
+
+/// The wallets' supervisor: restarts a wallet that failed. A wallet that stops normally
+/// (passivation, shutdown) needs nothing: its user's next request loads a fresh one.
+pub struct WalletSupervisor;
+
+impl Actor for WalletSupervisor {
+    type Msg = ();
+    type State = Weak<Registry>;
+    type Arguments = Weak<Registry>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<()>,
+        registry: Weak<Registry>,
+    ) -> Result<Weak<Registry>, ActorProcessingErr> {
+        Ok(registry)
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<()>,
+        event: SupervisionEvent,
+        registry: &mut Weak<Registry>,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(wallet, error) = event
+            && let Some(registry) = registry.upgrade()
+        {
+            registry.restart_failed(wallet.get_id(), error.to_string());
+        }
+        Ok(())
     }
 }

@@ -1,4 +1,6 @@
-//! Housekeeping beside the request path: grant expiry and reconciliation.
+//! Housekeeping beside the request path: grant expiry, reconciliation and the database health
+//! probe. (Restarting a wallet that panicked is the registry's wallet supervisor's job, in
+//! [`crate::registry`].)
 //!
 //! Expiry: a grant is never spendable at or after its `expires_at` (the ledger checks validity
 //! against the clock on every deduct). The expiry job then records it: each tick reads the due
@@ -10,7 +12,8 @@
 //! Reconciliation compares every grant's stored balance with its ledger (see
 //! [`crate::store::reconcile`] for the formula) and each live wallet's memory with the database.
 //! A mismatch is logged at warn, answered to whoever asked, and written as a
-//! `billing_reconciliation_mismatch` event. It is never "fixed": a mismatch means a bug or a hand
+//! `billing_reconciliation_mismatch` event, and counted in `credits_reconciliation_mismatches_total`.
+//! It is never "fixed": a mismatch means a bug or a hand
 //! edit, and an operator decides what the right balance is.
 
 use std::collections::BTreeMap;
@@ -27,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::domain::{Balance, Credits, Grant, GrantStatus, UserId, UserPackageId};
+use crate::metrics;
 use crate::registry::Registry;
 use crate::store::reconcile::{self, LedgerMismatch};
 use crate::wallet::{WalletMsg, WalletSnapshot};
@@ -168,8 +172,6 @@ impl Reconciler {
             mismatches.push(Mismatch::Wallet(mismatch));
         }
 
-        // metric: billing_reconciliation_mismatches_total{kind="ledger"|"wallet"} += count per run
-        // metric: billing_reconciliation_runs_total, billing_reconciliation_busy_wallets
         for mismatch in &mismatches {
             tracing::warn!(
                 user_id = mismatch.user_id(),
@@ -187,6 +189,7 @@ impl Reconciler {
             })
             .collect();
         reconcile::insert_mismatch_events(&self.pool, &events, checked_at).await?;
+        metrics::reconciliation_finished(mismatches.len());
 
         Ok(ReconciliationReport {
             checked_grants: ledger.checked_grants,
@@ -387,6 +390,60 @@ pub fn spawn_expiry(
             }
         }
         tracing::info!("expiry job stopped");
+    });
+}
+
+/// How long the health probe waits for the database to answer.
+pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the database for `SELECT 1` within [`HEALTH_PROBE_TIMEOUT`], and records the answer
+/// with the pool's connection counts in the metrics. Shared by `/readyz` and the probe job.
+pub async fn probe_database(pool: &PgPool) -> bool {
+    let probe = sqlx::query("SELECT 1").execute(pool);
+    let ready = matches!(
+        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, probe).await,
+        Ok(Ok(_))
+    );
+    metrics::database(
+        ready,
+        pool.size(),
+        pool.num_idle(),
+        pool.options().get_max_connections(),
+    );
+    ready
+}
+
+/// Samples readiness, the pool and the wallet count into the metrics every `every`, and keeps
+/// the Prometheus histograms trimmed, until `stop`.
+pub fn spawn_health_probe(
+    pool: PgPool,
+    registry: Arc<Registry>,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    every: Duration,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    tracker.spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                ready = probe_database(&pool) => {
+                    if !ready {
+                        tracing::warn!("the database does not answer the health probe");
+                    }
+                }
+            }
+            metrics::wallets_active(registry.live_len());
+            prometheus.run_upkeep();
+        }
     });
 }
 

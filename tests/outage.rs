@@ -1,11 +1,20 @@
-//! Database connections killed mid-load: the engine recovers by itself and stays exact.
+//! Database trouble: connections killed mid-load, and the database unreachable for a while.
+//! The engine answers `503` with Retry-After meanwhile, acknowledges nothing it did not
+//! commit, reports itself not ready, and recovers by itself, exact.
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::http::StatusCode;
+use common::proxy::Proxy;
 use common::*;
+use credits_engine::clock::ManualClock;
+use credits_engine::store;
 use futures_util::future::join_all;
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool};
 
 const USERS: i64 = 20;
@@ -67,16 +76,8 @@ async fn killed_connections_mid_load_lose_nothing_and_double_nothing(pool: PgPoo
                     assert_eq!(answer["error"]["retryable"], true, "{answer}");
                     unavailable += 1;
                     // The caller retries with the same key until it has an answer.
-                    let mut settled = false;
-                    for _ in 0..50 {
-                        let (status, _) = engine.deduct(body.clone()).await;
-                        if status == StatusCode::OK {
-                            settled = true;
-                            break;
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    }
-                    assert!(settled, "the engine did not recover for {body}");
+                    let (status, answer) = deduct_until_answered(&engine, body).await;
+                    assert_eq!(status, StatusCode::OK, "{answer}");
                 }
                 other => panic!("unexpected {other}: {answer}"),
             }
@@ -104,4 +105,120 @@ async fn killed_connections_mid_load_lose_nothing_and_double_nothing(pool: PgPoo
     assert_eq!(report["mismatches"], json!([]), "{report}");
     let (status, _) = engine.get("/readyz", None).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// Where the test's database server listens.
+async fn database_server(pool: &PgPool) -> SocketAddr {
+    let options = pool.connect_options();
+    tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .expect("the database host resolves")
+}
+
+fn assert_unavailable(status: StatusCode, answer: &Answer) {
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.text());
+    assert_eq!(
+        answer.json()["error"]["code"],
+        "unavailable",
+        "{}",
+        answer.text()
+    );
+    assert!(
+        answer.headers.contains_key("retry-after"),
+        "a 503 says when to retry"
+    );
+}
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn an_unreachable_database_turns_readiness_off_until_it_returns(pool: PgPool) {
+    let credits = create_package(&pool, "credits", Some(1_000), None).await;
+    let proxy = Proxy::start(database_server(&pool).await).await;
+    let through_proxy = (*pool.connect_options())
+        .clone()
+        .host("127.0.0.1")
+        .port(proxy.addr.port());
+    let engine_pool = store::pool_options(8)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy_with(through_proxy);
+    let clock = Arc::new(ManualClock::new(start_time()));
+    let engine = engine_with(engine_pool, settings("postgres://unused"), clock).await;
+    engine.grant(1, credits, json!({})).await;
+    let keyed = |key: &str| json!({"user_id": 1, "action_key": "ai_chat", "idempotency_key": key});
+    let (status, answer) = engine.deduct(keyed("before")).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let cost = answer["credits_cost"].as_i64().unwrap();
+    let ready = call(&engine.router, "GET", "/readyz", None, None).await;
+    assert_eq!(ready.status, StatusCode::OK);
+
+    proxy.cut();
+    let ready = call(&engine.router, "GET", "/readyz", None, None).await;
+    assert_unavailable(ready.status, &ready);
+    let during: Vec<Value> = (0..5).map(|n| keyed(&format!("during-{n}"))).collect();
+    let answers = join_all(during.iter().map(|body| {
+        call(
+            &engine.router,
+            "POST",
+            "/api/internal/billing/credits/deduct",
+            Some(SERVICE_TOKEN),
+            Some(body.clone()),
+        )
+    }))
+    .await;
+    for answer in &answers {
+        assert_unavailable(answer.status, answer);
+    }
+    let check = call(
+        &engine.router,
+        "POST",
+        "/api/internal/billing/credits/check",
+        Some(SERVICE_TOKEN),
+        Some(json!({"user_id": 1, "action_key": "ai_chat"})),
+    )
+    .await;
+    assert_unavailable(check.status, &check);
+    assert_eq!(metric(&engine, "credits_ready").await, 0.0);
+    // Nothing that was refused was written.
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM consumption_records").await,
+        1
+    );
+    assert_eq!(remaining_of(&pool, 1).await, 1_000 - cost);
+
+    proxy.restore();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if call(&engine.router, "GET", "/readyz", None, None)
+            .await
+            .status
+            == StatusCode::OK
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "the engine reports ready again without a restart"
+    );
+    assert_eq!(metric(&engine, "credits_ready").await, 1.0);
+    for body in &during {
+        let (status, answer) = deduct_until_answered(&engine, body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["replayed"], false, "{answer}");
+    }
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM consumption_records").await,
+        6
+    );
+    assert_eq!(remaining_of(&pool, 1).await, 1_000 - 6 * cost);
+    assert_ledger_balanced(&pool).await;
+    let (status, report) = engine
+        .admin("GET", "/api/admin/billing/reconciliation", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["mismatches"], json!([]), "{report}");
+    engine.stop().await;
 }

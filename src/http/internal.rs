@@ -14,6 +14,7 @@ use super::extract::ApiJson;
 use super::validate;
 use crate::domain::{ConsumptionId, Credits};
 use crate::error::EngineError;
+use crate::metrics;
 use crate::store;
 use crate::wallet::{
     CheckAnswer, DeductAnswer, DeductRequest, RefundAnswer, RefundRequest, RefundTarget,
@@ -146,17 +147,30 @@ pub async fn check(
         (status = 503, description = "`overloaded` or `unavailable`; retry", body = ErrorBody),
     ),
 )]
-#[tracing::instrument(skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
 pub async fn deduct(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<DeductBody>,
+    body: Result<ApiJson<DeductBody>, ApiError>,
 ) -> Result<Json<DeductAnswer>, ApiError> {
+    let answer = match body {
+        Ok(ApiJson(body)) => deduct_body(&state, body).await,
+        Err(error) => Err(error),
+    };
+    metrics::deduct_outcome(match &answer {
+        Ok(answer) if answer.replayed => "replayed",
+        Ok(_) => "ok",
+        Err(error) => metrics::outcome_of_code(error.code),
+    });
+    answer.map(Json)
+}
+
+#[tracing::instrument(skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
+async fn deduct_body(state: &AppState, body: DeductBody) -> Result<DeductAnswer, ApiError> {
     let user_id = validate::user_id("user_id", body.user_id)?;
     let action_key = validate::action_key(&body.action_key)?.to_owned();
     let quantity = validate::quantity(body.quantity)?;
     let idempotency_key = validate::idempotency_key(body.idempotency_key)?;
     let metadata = validate::metadata(body.metadata)?;
-    let priced = price(&state, &action_key, quantity)?;
+    let priced = price(state, &action_key, quantity)?;
     let request = DeductRequest {
         fingerprint: fingerprint(&action_key, quantity, metadata.as_ref()),
         action_key,
@@ -167,11 +181,10 @@ pub async fn deduct(
         idempotency_key,
         metadata,
     };
-    let answer = state
+    Ok(state
         .registry
         .ask(user_id, |reply| WalletMsg::Deduct { request, reply })
-        .await?;
-    Ok(Json(answer))
+        .await?)
 }
 
 /// Gives a deduction's credits back to the grants they came from.
@@ -189,11 +202,24 @@ pub async fn deduct(
         (status = 503, description = "`overloaded` or `unavailable`; retry", body = ErrorBody),
     ),
 )]
-#[tracing::instrument(skip_all)]
 pub async fn refund(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<RefundBody>,
+    body: Result<ApiJson<RefundBody>, ApiError>,
 ) -> Result<Json<RefundAnswer>, ApiError> {
+    let answer = match body {
+        Ok(ApiJson(body)) => refund_body(&state, body).await,
+        Err(error) => Err(error),
+    };
+    metrics::refund_outcome(match &answer {
+        Ok(answer) if answer.replayed => "replayed",
+        Ok(_) => "ok",
+        Err(error) => metrics::outcome_of_code(error.code),
+    });
+    answer.map(Json)
+}
+
+#[tracing::instrument(skip_all)]
+async fn refund_body(state: &AppState, body: RefundBody) -> Result<RefundAnswer, ApiError> {
     let reason = validate::text("reason", body.reason, validate::TEXT_CHARS_MAX)?;
     let (user_id, target) = match (body.consumption_id, body.user_id, body.idempotency_key) {
         (Some(id), None, None) => {
@@ -235,11 +261,10 @@ pub async fn refund(
         }
     };
     let request = RefundRequest { target, reason };
-    let answer = state
+    Ok(state
         .registry
         .ask(user_id, |reply| WalletMsg::Refund { request, reply })
-        .await?;
-    Ok(Json(answer))
+        .await?)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

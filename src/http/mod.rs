@@ -15,12 +15,15 @@ mod user;
 pub mod validate;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
-use axum::middleware::from_fn_with_state;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{Next, from_fn, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::{Extension, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -28,15 +31,15 @@ use utoipa_axum::routes;
 
 use crate::catalog::Catalog;
 use crate::clock::Clock;
+use crate::error::EngineError;
 use crate::registry::Registry;
 use crate::supervisor::Reconciler;
 use error::{ApiError, ErrorBody};
 
-/// How long `/readyz` waits for the database to answer.
-const READINESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
 #[derive(Clone)]
 pub struct AppState {
+    /// Renders `/metrics`.
+    pub prometheus: PrometheusHandle,
     /// The expiry job's worker, also run on demand by tests.
     pub expirer: Arc<crate::supervisor::Expirer>,
     pub registry: Arc<Registry>,
@@ -50,8 +53,9 @@ pub struct AppState {
 
 /// Every route is registered with `routes!`, which adds the handler to the router and its
 /// `#[utoipa::path]` to the OpenAPI document in the same call; the document is then served at
-/// `/api/openapi.json`.
-pub fn router(state: AppState) -> Router {
+/// `/api/openapi.json`. `/metrics` is served here unless it has its own address
+/// (`with_metrics` false; see [`metrics_router`]).
+pub fn router(state: AppState, with_metrics: bool) -> Router {
     let internal = OpenApiRouter::new()
         .routes(routes!(internal::check))
         .routes(routes!(internal::deduct))
@@ -82,7 +86,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(user::packages))
         .merge(reports::user_routes())
         .route_layer(from_fn_with_state(state.clone(), auth::require_user));
-    let (router, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let (mut router, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi::document))
@@ -92,12 +96,51 @@ pub fn router(state: AppState) -> Router {
         .merge(admin)
         .merge(user)
         .split_for_parts();
+    if with_metrics {
+        router = router.route("/metrics", get(metrics));
+    }
     router
         .layer(Extension(openapi::Shared::new(document)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::BODY_BYTES_MAX))
+        .layer(from_fn(track_requests))
         .with_state(state)
+}
+
+/// `/metrics` alone, for its own listen address.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Counts every request and its latency by route pattern (the matched route, never the raw
+/// path, so ids do not explode the label set), method and status class.
+async fn track_requests(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    crate::metrics::http_request(route, method, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// The engine's metrics in the Prometheus text format (no credentials: serve it on a private
+/// address with `CREDITS_METRICS_ADDR` when the API's address is public).
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.prometheus.render(),
+    )
+        .into_response()
 }
 
 #[utoipa::path(
@@ -121,14 +164,10 @@ async fn healthz() -> &'static str {
     ),
 )]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    let probe = sqlx::query("SELECT 1").execute(&state.pool);
-    match tokio::time::timeout(READINESS_PROBE_TIMEOUT, probe).await {
-        Ok(Ok(_)) => Ok("ready"),
-        _ => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the database does not answer",
-        )),
+    if crate::supervisor::probe_database(&state.pool).await {
+        Ok("ready")
+    } else {
+        Err(EngineError::Unavailable("the database does not answer").into())
     }
 }
 

@@ -29,14 +29,21 @@ pub async fn connect(database_url: &str, pool_max: u32) -> Result<PgPool, sqlx::
     }
     let options = PgConnectOptions::from_str(database_url)?
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
-    let pool = PgPoolOptions::new()
-        .max_connections(pool_max)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
-        .await?;
+    let pool = pool_options(pool_max).connect_with(options).await?;
     migrate(&pool).await?;
     Ok(pool)
 }
+
+/// How the engine's pool behaves: at most `pool_max` connections, and a request that cannot get
+/// one within [`ACQUIRE_TIMEOUT`] (the database is down or saturated) fails with `503`.
+pub fn pool_options(pool_max: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(pool_max)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+}
+
+/// Longest a query waits for a pooled connection.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
     MIGRATOR.run(pool).await.map_err(sqlx::Error::from)

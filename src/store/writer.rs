@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use ractor::{ActorId, ActorRef};
@@ -27,10 +27,11 @@ use crate::domain::{
     Activation, Allocation, ConsumptionId, Credits, RefundPlan, UserId, UserPackageId,
 };
 use crate::error::EngineError;
+use crate::metrics;
 use crate::store::{self, StoredConsumption, UserPackageRow};
 use crate::wallet::{
     DeductAnswer, DeductOutcome, DeductRequest, RefundAnswer, RefundOutcome, Reply, Settlement,
-    WalletMsg, original_answer,
+    WalletLife, WalletMsg, original_answer,
 };
 
 /// Consumption ids are handed out in blocks of this many per `nextval`, so a batch knows its ids
@@ -44,6 +45,8 @@ pub struct Origin {
     pub epoch: u64,
     /// The wallet's current epoch; the writer bumps it when a batch with this wallet fails.
     pub epoch_cell: Arc<AtomicU64>,
+    /// The wallet life's count of unsettled effects, which the writer lowers as it settles.
+    pub life: Arc<WalletLife>,
 }
 
 impl Origin {
@@ -160,9 +163,10 @@ pub fn spawn_lanes(
     tracker: &tokio_util::task::TaskTracker,
 ) -> WriterHandle {
     let lanes: Vec<_> = (0..limits.lanes.max(1))
-        .map(|_| {
+        .map(|lane| {
             let (sender, receiver) = mpsc::channel(limits.queue_max.max(1));
             tracker.spawn(run_lane(
+                lane,
                 receiver,
                 pool.clone(),
                 limits.batch_max.max(1),
@@ -177,6 +181,7 @@ pub fn spawn_lanes(
 }
 
 async fn run_lane(
+    lane: usize,
     mut queue: mpsc::Receiver<Envelope>,
     pool: PgPool,
     batch_max: usize,
@@ -192,6 +197,7 @@ async fn run_lane(
         };
         let Some(first) = first else { break };
         let batch = fill_batch(first, &mut queue, batch_max);
+        metrics::writer_queue_depth(lane, queue.len());
         process(&pool, &mut ids, batch).await;
     }
     // Whatever raced the stop is still committed, never dropped.
@@ -239,13 +245,18 @@ async fn process(pool: &PgPool, ids: &mut IdBlock, batch: Vec<Envelope>) {
         fail(envelope, STALE_MESSAGE, &mut reports);
     }
     if !live.is_empty() {
+        let started = Instant::now();
         match commit(pool, ids, &live).await {
             Ok(applied) => {
+                let effects = live.len();
+                let mut totals = metrics::BatchTotals::default();
                 for (envelope, applied) in live.into_iter().zip(applied) {
-                    settle(envelope, applied, &mut reports);
+                    settle(envelope, applied, &mut reports, &mut totals);
                 }
+                metrics::batch_committed(effects, started.elapsed(), &totals);
             }
             Err(error) => {
+                metrics::batch_failed(started.elapsed());
                 tracing::error!(%error, effects = live.len(), "batch failed to commit; nothing in it is acknowledged");
                 for envelope in &live {
                     envelope.origin.invalidate();
@@ -263,23 +274,26 @@ async fn process(pool: &PgPool, ids: &mut IdBlock, batch: Vec<Envelope>) {
 /// Settlements grouped per wallet: one message per wallet per batch.
 #[derive(Default)]
 struct Reports {
-    by_wallet: HashMap<ActorId, (ActorRef<WalletMsg>, Vec<Settlement>)>,
+    by_wallet: HashMap<ActorId, (Origin, Vec<Settlement>)>,
 }
 
 impl Reports {
     fn push(&mut self, origin: &Origin, settlement: Settlement) {
         self.by_wallet
             .entry(origin.wallet.get_id())
-            .or_insert_with(|| (origin.wallet.clone(), Vec::new()))
+            .or_insert_with(|| (origin.clone(), Vec::new()))
             .1
             .push(settlement);
     }
 
     fn send(self) {
-        for (wallet, settlements) in self.by_wallet.into_values() {
+        for (origin, settlements) in self.by_wallet.into_values() {
+            // Settled in the life's count first: the database already holds these effects (or
+            // they failed), so a successor of a wallet that died may load from it now.
+            origin.life.unsettled.settle(settlements.len());
             // A wallet that is gone has nothing left to reconcile: its successor loads from the
             // database, which holds exactly what committed.
-            let _ = wallet.send_message(WalletMsg::Settled(settlements));
+            let _ = origin.wallet.send_message(WalletMsg::Settled(settlements));
         }
     }
 }
@@ -318,9 +332,15 @@ fn fail(envelope: Envelope, message: &'static str, reports: &mut Reports) {
     }
 }
 
-fn settle(envelope: Envelope, applied: Applied, reports: &mut Reports) {
+fn settle(
+    envelope: Envelope,
+    applied: Applied,
+    reports: &mut Reports,
+    totals: &mut metrics::BatchTotals,
+) {
     match (envelope.effect, applied) {
         (Effect::Deduct(effect), Applied::Inserted(consumption_id)) => {
+            totals.credits_deducted += effect.request.credits_cost.get().unsigned_abs();
             let answer = DeductAnswer {
                 consumption_id,
                 credits_cost: effect.request.credits_cost,
@@ -366,6 +386,8 @@ fn settle(envelope: Envelope, applied: Applied, reports: &mut Reports) {
                 remaining_credits: effect.remaining_after,
                 replayed: false,
             };
+            totals.credits_refunded += answer.refunded_credits.get().unsigned_abs();
+            totals.credits_forfeited += answer.forfeited_credits.get().unsigned_abs();
             let _ = effect.reply.send(Ok(answer.clone()));
             reports.push(
                 &envelope.origin,
@@ -376,6 +398,16 @@ fn settle(envelope: Envelope, applied: Applied, reports: &mut Reports) {
             );
         }
         (Effect::Grant(effect), Applied::GrantChanged(row)) => {
+            // A grant ends once, so what its row holds as void is what this change voided.
+            let voided = row.expired_credits.unsigned_abs();
+            match effect.change {
+                GrantChange::Expire => {
+                    totals.grants_expired += 1;
+                    totals.credits_expired += voided;
+                }
+                GrantChange::Revoke { .. } => totals.credits_revoked += voided,
+                GrantChange::Activate(_) => {}
+            }
             let _ = effect.reply.send(Ok(*row));
             reports.push(&envelope.origin, Settlement::Grant);
         }

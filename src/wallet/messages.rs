@@ -178,6 +178,12 @@ pub enum WalletMsg {
     Snapshot { reply: Reply<WalletSnapshot> },
     /// The wallet's own idle timer: stop if idle with nothing in flight.
     Passivate,
+    /// The registry is full and this wallet is among the least recently used: stop now if
+    /// nothing is in flight or queued. Answers whether it stopped.
+    Evict { reply: Reply<bool> },
+    /// Fault injection for the supervision tests: the wallet panics while handling it.
+    #[cfg(feature = "fault-injection")]
+    Panic,
     /// From the batch writer, once per batch that held effects of this wallet.
     Settled(Vec<Settlement>),
 }
@@ -202,5 +208,10 @@ impl WalletMsg {
     /// writer's queue, and refusing them would strand the wallet).
     pub fn is_request(&self) -> bool {
         !matches!(self, WalletMsg::Settled(_) | WalletMsg::Passivate)
+    }
+
+    /// A request of a caller (not of housekeeping): it keeps the wallet from going idle.
+    pub fn is_use(&self) -> bool {
+        self.is_request() && !matches!(self, WalletMsg::Evict { .. } | WalletMsg::Snapshot { .. })
     }
 }

@@ -21,6 +21,7 @@ pub use messages::*;
 use crate::clock::Clock;
 use crate::domain::{self, ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
 use crate::error::EngineError;
+use crate::metrics;
 use crate::registry::WALLET_CLOSING;
 use crate::store::writer::{
     self, DeductEffect, Effect, Envelope, GrantChange, GrantEffect, Origin, RefundEffect,
@@ -53,8 +54,58 @@ pub struct WalletLimits {
 pub struct WalletArgs {
     pub user_id: UserId,
     pub deps: Arc<WalletDeps>,
-    /// Requests sent but not yet taken from the mailbox; the registry bounds it.
-    pub mailbox_depth: Arc<AtomicUsize>,
+    pub life: Arc<WalletLife>,
+}
+
+/// What one life of a wallet shares with the registry and the batch writer.
+#[derive(Debug, Default)]
+pub struct WalletLife {
+    /// Requests sent but not yet taken from the mailbox; the registry bounds it. Its high bit
+    /// ([`WALLET_CLOSING`]) is set when the wallet passivates.
+    pub mailbox_depth: AtomicUsize,
+    /// The registry's sequence number of the last request admitted here: for evicting the
+    /// least recently used wallets when the map is full.
+    pub last_use: AtomicU64,
+    /// Effects handed to the writer and not yet committed or failed.
+    pub unsettled: Unsettled,
+}
+
+/// A count of effects in flight that can be waited on to reach zero. The writer settles them,
+/// so the count falls even when the wallet that handed them over has died: a successor loads
+/// from the database only once its predecessor's effects are there (or known to have failed).
+#[derive(Debug, Default)]
+pub struct Unsettled {
+    count: AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+impl Unsettled {
+    pub fn add(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn settle(&self, effects: usize) {
+        if self.count.fetch_sub(effects, Ordering::AcqRel) == effects {
+            self.settled.notify_waiters();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+
+    /// Returns once nothing is in flight.
+    pub async fn wait_empty(&self) {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.is_empty() {
+                return;
+            }
+            settled.await;
+        }
+    }
 }
 
 /// The actor type; all of its state lives in [`WalletState`].
@@ -76,7 +127,7 @@ enum KeyState {
 pub struct WalletState {
     user_id: UserId,
     deps: Arc<WalletDeps>,
-    mailbox_depth: Arc<AtomicUsize>,
+    life: Arc<WalletLife>,
     /// The user's pending, active and depleted grants, in burn-down order.
     grants: Vec<Grant>,
     keys: HashMap<String, KeyState>,
@@ -110,7 +161,7 @@ impl Actor for Wallet {
         Ok(WalletState {
             user_id: args.user_id,
             deps: args.deps,
-            mailbox_depth: args.mailbox_depth,
+            life: args.life,
             grants,
             keys: HashMap::new(),
             done_keys: VecDeque::new(),
@@ -143,7 +194,9 @@ impl Actor for Wallet {
         state: &mut WalletState,
     ) -> Result<(), ActorProcessingErr> {
         if message.is_request() {
-            state.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+            state.life.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+        }
+        if message.is_use() {
             state.last_request = tokio::time::Instant::now();
         }
         match message {
@@ -224,11 +277,23 @@ impl Actor for Wallet {
             }
             WalletMsg::Settled(settlements) => state.settle(&myself, settlements).await,
             WalletMsg::Passivate => {
-                if state.may_passivate() {
+                if state.is_idle() && state.close() {
                     tracing::debug!(user_id = %state.user_id, "wallet passivated");
+                    metrics::wallet_passivated("idle");
                     myself.stop(Some("idle".into()));
                 }
             }
+            WalletMsg::Evict { reply } => {
+                let closed = state.close();
+                if closed {
+                    tracing::debug!(user_id = %state.user_id, "wallet evicted");
+                    metrics::wallet_passivated("evicted");
+                    myself.stop(Some("evicted".into()));
+                }
+                let _ = reply.send(Ok(closed));
+            }
+            #[cfg(feature = "fault-injection")]
+            WalletMsg::Panic => panic!("fault injection: wallet of user {}", state.user_id),
         }
         Ok(())
     }
@@ -271,12 +336,24 @@ impl WalletState {
         }
     }
 
-    fn origin(&self, myself: &ActorRef<WalletMsg>) -> Origin {
-        Origin {
-            wallet: myself.clone(),
-            epoch: self.epoch,
-            epoch_cell: self.epoch_cell.clone(),
-        }
+    /// Hands an effect to the writer; it is in flight until the writer settles it.
+    fn hand_over(
+        &mut self,
+        myself: &ActorRef<WalletMsg>,
+        permit: tokio::sync::mpsc::Permit<'_, Envelope>,
+        effect: Effect,
+    ) {
+        self.in_flight += 1;
+        self.life.unsettled.add();
+        permit.send(Envelope {
+            origin: Origin {
+                wallet: myself.clone(),
+                epoch: self.epoch,
+                epoch_cell: self.epoch_cell.clone(),
+                life: self.life.clone(),
+            },
+            effect,
+        });
     }
 
     async fn check(&mut self, credits_cost: domain::Credits) -> Result<CheckAnswer, EngineError> {
@@ -363,18 +440,15 @@ impl WalletState {
                 },
             );
         }
-        self.in_flight += 1;
-        permit.send(Envelope {
-            origin: self.origin(myself),
-            effect: Effect::Deduct(DeductEffect {
-                user_id: self.user_id,
-                request,
-                allocations,
-                remaining_after,
-                created_at: now,
-                reply,
-            }),
+        let effect = Effect::Deduct(DeductEffect {
+            user_id: self.user_id,
+            request,
+            allocations,
+            remaining_after,
+            created_at: now,
+            reply,
         });
+        self.hand_over(myself, permit, effect);
     }
 
     /// A deduction the grants cannot pay. With an idempotency key this wallet has not seen,
@@ -484,19 +558,16 @@ impl WalletState {
         domain::restore(&mut self.grants, &plan.restore);
         let remaining_after = domain::totals(&self.grants, now).remaining_credits;
         self.refunds_in_flight.insert(stored.id, Vec::new());
-        self.in_flight += 1;
-        permit.send(Envelope {
-            origin: self.origin(myself),
-            effect: Effect::Refund(RefundEffect {
-                user_id: self.user_id,
-                consumption_id: stored.id,
-                plan,
-                reason: request.reason,
-                remaining_after,
-                refunded_at: now,
-                reply,
-            }),
+        let effect = Effect::Refund(RefundEffect {
+            user_id: self.user_id,
+            consumption_id: stored.id,
+            plan,
+            reason: request.reason,
+            remaining_after,
+            refunded_at: now,
+            reply,
         });
+        self.hand_over(myself, permit, effect);
     }
 
     /// The committed consumption a refund names.
@@ -554,15 +625,19 @@ impl WalletState {
         self.epoch_cell.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// True, and from then on no request is admitted, when the wallet has been idle long
-    /// enough with nothing in flight and an empty mailbox (the closing bit is only set from
-    /// zero, so no admitted request can be stranded).
-    fn may_passivate(&self) -> bool {
-        let Some(idle) = self.deps.limits.idle else {
-            return false;
-        };
-        let quiet = self.last_request.elapsed() >= idle
-            && self.in_flight == 0
+    /// No request for the configured idle time.
+    fn is_idle(&self) -> bool {
+        self.deps
+            .limits
+            .idle
+            .is_some_and(|idle| self.last_request.elapsed() >= idle)
+    }
+
+    /// True, and from then on no request is admitted, when nothing is in flight and the
+    /// mailbox is empty (the closing bit is only set from zero, so no admitted request can be
+    /// stranded).
+    fn close(&self) -> bool {
+        let quiet = self.in_flight == 0
             && self.refunds_in_flight.is_empty()
             && self.refunds_awaiting_key.is_empty()
             && !self
@@ -571,6 +646,7 @@ impl WalletState {
                 .any(|state| matches!(state, KeyState::InFlight { .. }));
         quiet
             && self
+                .life
                 .mailbox_depth
                 .compare_exchange(0, WALLET_CLOSING, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
@@ -628,17 +704,14 @@ impl WalletState {
             self.grants[index] = changed;
             domain::sort_burn_order(&mut self.grants);
         }
-        self.in_flight += 1;
-        permit.send(Envelope {
-            origin: self.origin(myself),
-            effect: Effect::Grant(GrantEffect {
-                user_id: self.user_id,
-                grant_id,
-                change,
-                at: deps.clock.now(),
-                reply,
-            }),
+        let effect = Effect::Grant(GrantEffect {
+            user_id: self.user_id,
+            grant_id,
+            change,
+            at: deps.clock.now(),
+            reply,
         });
+        self.hand_over(myself, permit, effect);
     }
 
     /// Memory and the database side by side, only when they must agree: nothing in flight and
@@ -720,9 +793,9 @@ impl WalletState {
     /// so they see its outcome.
     fn resend_refunds_awaiting(&mut self, myself: &ActorRef<WalletMsg>, key: &str) {
         for (request, reply) in self.refunds_awaiting_key.remove(key).unwrap_or_default() {
-            self.mailbox_depth.fetch_add(1, Ordering::AcqRel);
+            self.life.mailbox_depth.fetch_add(1, Ordering::AcqRel);
             if let Err(error) = myself.send_message(WalletMsg::Refund { request, reply }) {
-                self.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+                self.life.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
                 if let ractor::MessagingErr::SendErr(WalletMsg::Refund { reply, .. }) = error {
                     let _ = reply.send(Err(EngineError::Unavailable("the wallet stopped; retry")));
                 }

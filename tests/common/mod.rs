@@ -2,6 +2,8 @@
 //! router without a socket, with a clock the test moves by hand.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -47,7 +49,13 @@ pub async fn engine(pool: PgPool) -> TestEngine {
 }
 
 pub async fn engine_with_clock(pool: PgPool, clock: Arc<ManualClock>) -> TestEngine {
-    let app = App::build_with(pool.clone(), settings("postgres://unused"), clock.clone())
+    engine_with(pool, settings("postgres://unused"), clock).await
+}
+
+/// An engine with settings of the test's choosing, over `pool` (which may reach the database
+/// some other way than the test's own pool, for example through a [`proxy::Proxy`]).
+pub async fn engine_with(pool: PgPool, settings: Settings, clock: Arc<ManualClock>) -> TestEngine {
+    let app = App::build_with(pool.clone(), settings, clock.clone())
         .await
         .expect("engine builds");
     let router = app.router();
@@ -281,4 +289,38 @@ pub async fn remaining_of(pool: &PgPool, user_id: i64) -> i64 {
 
 pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// The sum of every series of one metric in `/metrics` (0 when the engine has not emitted it).
+pub async fn metric(engine: &TestEngine, name: &str) -> f64 {
+    let answer = call(&engine.router, "GET", "/metrics", None, None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    metric_in(&answer.text(), name)
+}
+
+pub fn metric_in(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                return None;
+            }
+            line.rsplit_once(' ')?.1.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// Retries a keyed deduct that got a retryable `503`, as a well-behaved caller does, until it
+/// is answered otherwise; panics if the engine never recovers.
+pub async fn deduct_until_answered(engine: &TestEngine, body: &Value) -> (StatusCode, Value) {
+    for _ in 0..100 {
+        let (status, answer) = engine.deduct(body.clone()).await;
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            return (status, answer);
+        }
+        assert_eq!(answer["error"]["retryable"], true, "{answer}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the engine did not recover for {body}");
 }

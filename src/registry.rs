@@ -283,6 +283,7 @@ impl Registry {
             user_id,
             deps: self.deps.clone(),
             life: life.clone(),
+            preloaded: None,
         };
         let spawned = match self.supervisor.get() {
             Some(supervisor) => {

@@ -108,11 +108,11 @@ pub fn plan_deduction(
 /// Panics (a proven invariant, not input) if an allocation names a grant that is absent or
 /// cannot pay it: allocations only come from `plan_deduction` over the same grants.
 pub fn apply_deduction(grants: &mut [Grant], allocations: &[Allocation]) {
+    let mut cursor = 0;
     for allocation in allocations {
-        let grant = grants
-            .iter_mut()
-            .find(|grant| grant.id == allocation.user_package_id)
+        cursor = position_from(grants, cursor, allocation.user_package_id)
             .expect("allocation names a grant of this wallet");
+        let grant = &mut grants[cursor];
         match &mut grant.balance {
             Balance::Unlimited { used } => {
                 *used = used.checked_add(allocation.credits).expect("used fits i64");
@@ -136,13 +136,13 @@ pub fn apply_deduction(grants: &mut [Grant], allocations: &[Allocation]) {
 /// for refunds and for deductions that turned out to be replays. Allocations naming a grant
 /// the wallet no longer holds are skipped (their credits were forfeited by the caller's plan).
 pub fn restore(grants: &mut [Grant], allocations: &[Allocation]) {
+    let mut cursor = 0;
     for allocation in allocations {
-        let Some(grant) = grants
-            .iter_mut()
-            .find(|grant| grant.id == allocation.user_package_id)
-        else {
+        let Some(found) = position_from(grants, cursor, allocation.user_package_id) else {
             continue;
         };
+        cursor = found;
+        let grant = &mut grants[cursor];
         match &mut grant.balance {
             Balance::Unlimited { used } => {
                 *used = used
@@ -164,6 +164,18 @@ pub fn restore(grants: &mut [Grant], allocations: &[Allocation]) {
             }
         }
     }
+}
+
+/// Where grant `id` is, searching from `start` onwards and then from the beginning.
+/// Allocations come in burn order, so walking them this way is linear in the grants, not
+/// quadratic.
+fn position_from(grants: &[Grant], start: usize, id: UserPackageId) -> Option<usize> {
+    let start = start.min(grants.len());
+    grants[start..]
+        .iter()
+        .position(|grant| grant.id == id)
+        .map(|offset| start + offset)
+        .or_else(|| grants[..start].iter().position(|grant| grant.id == id))
 }
 
 /// One allocation of a consumption as stored, with what has already come back.

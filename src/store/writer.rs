@@ -136,6 +136,23 @@ impl WriterHandle {
         &self.lanes[index]
     }
 
+    /// Lanes whose queues the caller drains itself instead of committing them: for benchmarks
+    /// of the actor path without a database.
+    pub fn detached(
+        lanes: usize,
+        queue_max: usize,
+    ) -> (WriterHandle, Vec<mpsc::Receiver<Envelope>>) {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..lanes.max(1))
+            .map(|_| mpsc::channel(queue_max.max(1)))
+            .unzip();
+        (
+            WriterHandle {
+                lanes: senders.into(),
+            },
+            receivers,
+        )
+    }
+
     /// Effects queued in all lanes, waiting for a batch.
     pub fn queued(&self) -> usize {
         self.lanes

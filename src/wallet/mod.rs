@@ -55,6 +55,9 @@ pub struct WalletArgs {
     pub user_id: UserId,
     pub deps: Arc<WalletDeps>,
     pub life: Arc<WalletLife>,
+    /// Grants to start from instead of loading them (benchmarks of the actor without a
+    /// database); the registry always loads.
+    pub preloaded: Option<Vec<Grant>>,
 }
 
 /// What one life of a wallet shares with the registry and the batch writer.
@@ -157,7 +160,13 @@ impl Actor for Wallet {
         _myself: ActorRef<WalletMsg>,
         args: WalletArgs,
     ) -> Result<WalletState, ActorProcessingErr> {
-        let grants = load_grants(&args.deps.pool, args.user_id).await?;
+        let grants = match args.preloaded {
+            Some(mut grants) => {
+                domain::sort_burn_order(&mut grants);
+                grants
+            }
+            None => load_grants(&args.deps.pool, args.user_id).await?,
+        };
         Ok(WalletState {
             user_id: args.user_id,
             deps: args.deps,

@@ -119,6 +119,7 @@ pub fn install() -> PrometheusHandle {
                 );
             }
             describe();
+            start_at_zero();
             handle
         })
         .clone()
@@ -205,6 +206,26 @@ fn describe() {
         READY,
         "1 when the database answered the latest probe, else 0"
     );
+}
+
+/// Shows the unlabelled counters from the start: a counter that first appears at 1 looks like
+/// no increase to `increase()`, so an alert on the first commit failure or panic would miss it.
+fn start_at_zero() {
+    for name in [
+        CREDITS_DEDUCTED,
+        CREDITS_REFUNDED,
+        CREDITS_FORFEITED,
+        CREDITS_EXPIRED,
+        CREDITS_REVOKED,
+        WALLET_SPAWNS,
+        WALLET_RESTARTS,
+        WRITER_COMMIT_FAILURES,
+        EXPIRIES,
+        RECONCILIATION_RUNS,
+        RECONCILIATION_MISMATCHES,
+    ] {
+        counter!(name).absolute(0);
+    }
 }
 
 /// The status class label of an HTTP status: `2xx`, `4xx`, ...

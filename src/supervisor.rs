@@ -32,7 +32,7 @@ use crate::clock::Clock;
 use crate::domain::{Balance, Credits, Grant, GrantStatus, UserId, UserPackageId};
 use crate::metrics;
 use crate::registry::Registry;
-use crate::store::reconcile::{self, LedgerMismatch};
+use crate::store::reconcile::{self, LedgerMismatch, OrphanAllocation};
 use crate::wallet::{WalletMsg, WalletSnapshot};
 
 /// Mismatches one run reports and writes as events (ledger and wallet together); beyond it the
@@ -54,6 +54,8 @@ pub enum Mismatch {
     Ledger(LedgerMismatch),
     /// A live wallet's memory against the database.
     Wallet(WalletMismatch),
+    /// An allocation whose consumption record or grant is missing.
+    Allocation(OrphanAllocation),
 }
 
 impl Mismatch {
@@ -61,6 +63,7 @@ impl Mismatch {
         match self {
             Mismatch::Ledger(mismatch) => mismatch.user_id,
             Mismatch::Wallet(mismatch) => mismatch.user_id,
+            Mismatch::Allocation(orphan) => orphan.user_id,
         }
     }
 
@@ -68,6 +71,7 @@ impl Mismatch {
         match self {
             Mismatch::Ledger(mismatch) => mismatch.user_package_id,
             Mismatch::Wallet(mismatch) => mismatch.user_package_id,
+            Mismatch::Allocation(orphan) => orphan.user_package_id,
         }
     }
 }
@@ -156,20 +160,26 @@ impl Reconciler {
     pub async fn run(&self) -> Result<ReconciliationReport, sqlx::Error> {
         let checked_at = self.clock.now();
         let ledger = reconcile::ledger_mismatches(&self.pool, MISMATCHES_MAX).await?;
+        let (orphans, orphans_truncated) =
+            reconcile::orphan_allocations(&self.pool, MISMATCHES_MAX).await?;
         let wallets = self.check_wallets().await;
 
-        let mut truncated = ledger.truncated;
+        let mut truncated = ledger.truncated || orphans_truncated;
         let mut mismatches: Vec<Mismatch> = ledger
             .mismatches
             .into_iter()
             .map(Mismatch::Ledger)
             .collect();
-        for mismatch in wallets.mismatches {
+        let others = orphans
+            .into_iter()
+            .map(Mismatch::Allocation)
+            .chain(wallets.mismatches.into_iter().map(Mismatch::Wallet));
+        for mismatch in others {
             if mismatches.len() >= MISMATCHES_MAX {
                 truncated = true;
                 break;
             }
-            mismatches.push(Mismatch::Wallet(mismatch));
+            mismatches.push(mismatch);
         }
 
         for mismatch in &mismatches {

@@ -103,6 +103,59 @@ async fn a_planted_ledger_mismatch_is_reported_and_written_but_not_fixed(pool: P
     let (_, again) = engine.admin("GET", PATH, None).await;
     assert_eq!(again["mismatches"].as_array().unwrap().len(), 1);
     assert_eq!(mismatch_events(&pool).await.len(), 2);
+    // The run is counted in the metrics, with its mismatch.
+    assert_eq!(
+        metric(&engine, "credits_reconciliation_last_mismatches").await,
+        1.0
+    );
+    assert!(metric(&engine, "credits_reconciliation_mismatches_total").await >= 2.0);
+    engine.stop().await;
+}
+
+/// What the dropped foreign keys of `consumption_allocations` forbade (migration 0002) is still
+/// caught: an allocation naming a missing grant or consumption record.
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn an_allocation_without_its_grant_or_consumption_is_reported(pool: PgPool) {
+    let credits = create_package(&pool, "credits", Some(100), None).await;
+    let engine = engine(pool.clone()).await;
+    let grant = engine.grant(5, credits, json!({})).await;
+    let (status, deducted) = engine
+        .deduct(json!({"user_id": 5, "action_key": "advanced_analysis"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{deducted}");
+    let consumption = deducted["consumption_id"].as_i64().unwrap();
+    sqlx::query(
+        "INSERT INTO consumption_allocations (user_id, consumption_id, user_package_id, credits)
+         VALUES (5, $1, 987654, 1), (5, 123456789, $2, 0 + 1)",
+    )
+    .bind(consumption)
+    .bind(grant)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // The second plant also unbalances the real grant's ledger: its allocations now say 4.
+    let (status, report) = engine.admin("GET", PATH, None).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let kinds: Vec<&str> = report["mismatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|mismatch| mismatch["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["ledger", "allocation", "allocation"], "{report}");
+    assert_eq!(
+        report["mismatches"][1],
+        json!({"kind": "allocation", "user_id": 5, "consumption_id": consumption,
+               "user_package_id": 987654, "credits": 1,
+               "consumption_missing": false, "grant_missing": true})
+    );
+    assert_eq!(
+        report["mismatches"][2],
+        json!({"kind": "allocation", "user_id": 5, "consumption_id": 123456789,
+               "user_package_id": grant, "credits": 1,
+               "consumption_missing": true, "grant_missing": false})
+    );
+    assert_eq!(mismatch_events(&pool).await.len(), 3);
     engine.stop().await;
 }
 

@@ -139,6 +139,47 @@ pub async fn ledger_mismatches(pool: &PgPool, max: usize) -> Result<LedgerCheck,
     })
 }
 
+/// Allocations whose consumption record or grant does not exist: what the dropped foreign keys
+/// of `consumption_allocations` used to forbid (migration 0002). The batch writer never makes
+/// one, so any is a bug or a hand edit.
+const ORPHAN_ALLOCATIONS_SQL: &str = "
+SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits,
+       c.id IS NULL AS consumption_missing, g.id IS NULL AS grant_missing
+FROM consumption_allocations a
+LEFT JOIN consumption_records c ON c.user_id = a.user_id AND c.id = a.consumption_id
+LEFT JOIN user_packages g ON g.user_id = a.user_id AND g.id = a.user_package_id
+WHERE c.id IS NULL OR g.id IS NULL
+ORDER BY a.user_id, a.consumption_id, a.user_package_id
+LIMIT $1";
+
+/// An allocation that names a consumption record or a grant that does not exist.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct OrphanAllocation {
+    pub user_id: i64,
+    pub consumption_id: i64,
+    pub user_package_id: i64,
+    pub credits: i64,
+    pub consumption_missing: bool,
+    pub grant_missing: bool,
+}
+
+/// At most `max` orphaned allocations, and whether there are more. Reads only; scans every
+/// allocation, like [`ledger_mismatches`].
+#[tracing::instrument(skip(pool))]
+pub async fn orphan_allocations(
+    pool: &PgPool,
+    max: usize,
+) -> Result<(Vec<OrphanAllocation>, bool), sqlx::Error> {
+    let limit = i64::try_from(max).unwrap_or(i64::MAX - 1);
+    let mut orphans: Vec<OrphanAllocation> = sqlx::query_as(ORPHAN_ALLOCATIONS_SQL)
+        .bind(limit.saturating_add(1))
+        .fetch_all(pool)
+        .await?;
+    let truncated = orphans.len() > max;
+    orphans.truncate(max);
+    Ok((orphans, truncated))
+}
+
 /// Kind of the audit event a reconciliation mismatch is written as.
 pub const MISMATCH_EVENT_KIND: &str = "billing_reconciliation_mismatch";
 

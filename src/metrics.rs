@@ -9,6 +9,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -239,15 +240,65 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
-pub fn http_request(route: String, method: String, status: u16, elapsed: Duration) {
+/// The request counter and latency histogram of one (route, method, status class), looked up
+/// once and kept: the macros would build and hash the label set on every request.
+type HttpSeries = (metrics::Counter, metrics::Histogram);
+
+/// Route patterns kept; the router has a few dozen, so this is only a bound. Beyond it series
+/// are still recorded, just looked up each time.
+const HTTP_ROUTES_MAX: usize = 1_024;
+
+/// Per route pattern: the series of each (method, status class) seen.
+static HTTP_SERIES: OnceLock<DashMap<String, Vec<(&'static str, &'static str, HttpSeries)>>> =
+    OnceLock::new();
+
+/// The method label: the standard methods by name, anything else as `other`.
+fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
     let class = status_class(status);
-    let labels = [
-        ("route", route),
-        ("method", method),
-        ("status", class.into()),
-    ];
-    counter!(HTTP_REQUESTS, &labels).increment(1);
-    metrics::histogram!(HTTP_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
+    let method = method_label(method);
+    let routes = HTTP_SERIES.get_or_init(DashMap::new);
+    let known = routes.get(route).and_then(|series| {
+        series
+            .iter()
+            .find(|(m, c, _)| *m == method && *c == class)
+            .map(|(_, _, handles)| handles.clone())
+    });
+    let (requests, duration) = match known {
+        Some(handles) => handles,
+        None => {
+            let labels = [
+                ("route", route.to_owned()),
+                ("method", method.to_owned()),
+                ("status", class.to_owned()),
+            ];
+            let handles = (
+                counter!(HTTP_REQUESTS, &labels),
+                metrics::histogram!(HTTP_REQUEST_DURATION, &labels),
+            );
+            if routes.len() < HTTP_ROUTES_MAX || routes.contains_key(route) {
+                routes
+                    .entry(route.to_owned())
+                    .or_default()
+                    .push((method, class, handles.clone()));
+            }
+            handles
+        }
+    };
+    requests.increment(1);
+    duration.record(elapsed.as_secs_f64());
 }
 
 /// The outcome label of an API error code on the deduct and refund paths.

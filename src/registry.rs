@@ -239,14 +239,16 @@ impl Registry {
             Some(slot) => slot.clone(),
             None => {
                 if self.wallets.len() >= self.limits.wallets_max {
-                    self.make_room().await?;
+                    Box::pin(self.make_room()).await?;
                 }
                 self.wallets.entry(user_id).or_default().clone()
             }
         };
         let spawned = slot
             .wallet
-            .get_or_try_init(|| self.spawn(user_id, slot.predecessor.clone()))
+            // Boxed: spawning is the cold path, and its future would otherwise sit inline in
+            // every request's future.
+            .get_or_try_init(|| Box::pin(self.spawn(user_id, slot.predecessor.clone())))
             .await;
         match spawned {
             Ok(handle) => Ok(handle.clone()),

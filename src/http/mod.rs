@@ -120,13 +120,15 @@ pub fn metrics_router(state: AppState) -> Router {
 /// path, so ids do not explode the label set), method and status class.
 async fn track_requests(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let method = request.method().clone();
     let response = next.run(request).await;
-    crate::metrics::http_request(route, method, response.status().as_u16(), started.elapsed());
+    crate::metrics::http_request(
+        route.as_ref().map_or("unmatched", MatchedPath::as_str),
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 

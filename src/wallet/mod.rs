@@ -217,9 +217,13 @@ impl Actor for Wallet {
                 let _ = reply.send(answer);
             }
             WalletMsg::Deduct { request, reply } => state.deduct(&myself, request, reply).await,
-            WalletMsg::Refund { request, reply } => state.refund(&myself, request, reply).await,
+            // The cold messages' futures are boxed, so the hot ones (check, deduct, settled)
+            // stay small: ractor allocates and moves each message's future.
+            WalletMsg::Refund { request, reply } => {
+                Box::pin(state.refund(&myself, request, reply)).await;
+            }
             WalletMsg::Assign { request, reply } => {
-                let _ = reply.send(state.assign(request).await);
+                let _ = reply.send(Box::pin(state.assign(request)).await);
             }
             WalletMsg::Activate {
                 grant_id,
@@ -243,9 +247,7 @@ impl Actor for Wallet {
                             }
                         })
                 };
-                state
-                    .change_grant(&myself, grant_id, "activated", change, reply)
-                    .await;
+                Box::pin(state.change_grant(&myself, grant_id, "activated", change, reply)).await;
             }
             WalletMsg::Revoke {
                 grant_id,
@@ -256,9 +258,7 @@ impl Actor for Wallet {
                     grant.end(GrantStatus::Revoked);
                     Ok(GrantChange::Revoke { reason })
                 };
-                state
-                    .change_grant(&myself, grant_id, "revoked", change, reply)
-                    .await;
+                Box::pin(state.change_grant(&myself, grant_id, "revoked", change, reply)).await;
             }
             WalletMsg::Expire { grant_id, reply } => {
                 let now = state.deps.clock.now();
@@ -274,15 +274,13 @@ impl Actor for Wallet {
                     grant.end(GrantStatus::Expired);
                     Ok(GrantChange::Expire)
                 };
-                state
-                    .change_grant(&myself, grant_id, "expired", change, reply)
-                    .await;
+                Box::pin(state.change_grant(&myself, grant_id, "expired", change, reply)).await;
             }
             WalletMsg::Register { grants, reply } => {
-                let _ = reply.send(state.register(grants).await);
+                let _ = reply.send(Box::pin(state.register(grants)).await);
             }
             WalletMsg::Snapshot { reply } => {
-                let _ = reply.send(state.snapshot().await);
+                let _ = reply.send(Box::pin(state.snapshot()).await);
             }
             WalletMsg::Settled(settlements) => state.settle(&myself, settlements).await,
             WalletMsg::Passivate => {
@@ -330,6 +328,12 @@ impl WalletState {
                 "this wallet is resynchronizing after a failed write",
             ));
         }
+        // Boxed: the rare reload's database future would otherwise sit inline in every
+        // message's future, which ractor allocates and moves per message.
+        Box::pin(self.reload()).await
+    }
+
+    async fn reload(&mut self) -> Result<(), EngineError> {
         let epoch = self.epoch_cell.load(Ordering::Acquire);
         match load_grants(&self.deps.pool, self.user_id).await {
             Ok(grants) => {
@@ -431,7 +435,8 @@ impl WalletState {
             Ok(allocations) => allocations,
             Err(short) => {
                 drop(permit);
-                let answer = self.insufficient(&request, short, reply).await;
+                // Boxed: the database lookup is the rare path (see `ensure_fresh`).
+                let answer = Box::pin(self.insufficient(&request, short, reply)).await;
                 if let Some((reply, answer)) = answer {
                     let _ = reply.send(answer);
                 }

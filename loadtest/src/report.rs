@@ -178,7 +178,7 @@ impl fmt::Display for Summary {
         };
         writeln!(
             f,
-            "workload: {} users, {pacing}, {} s per phase, mix {}, {}% of deducts retried, \
+            "workload: users {}, {pacing}, {} s per phase, mix {}, {}% of deducts retried, \
              action {} ({} credits), seed {}",
             w.users,
             w.duration_s,

@@ -51,6 +51,11 @@ pub struct Args {
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
 
+    /// Before each phase, the same workload for this long, unmeasured (its acknowledgements are
+    /// still checked): wallets loaded, connections and caches warm. `0s`: none.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
     /// Users, each with one grant of `--credits-per-user`.
     #[arg(long, default_value_t = 10_000)]
     pub users: u64,
@@ -123,6 +128,7 @@ impl Args {
         };
         let workload = Workload {
             duration: self.duration,
+            warmup: self.warmup,
             users: self.users,
             concurrency: self.concurrency,
             rate: self.rate,
@@ -190,6 +196,8 @@ pub enum EngineSource {
 #[derive(Clone, Debug)]
 pub struct Workload {
     pub duration: Duration,
+    /// Unmeasured lead-in of each phase (zero: none).
+    pub warmup: Duration,
     pub users: u64,
     pub concurrency: usize,
     /// Requests per second in total (open loop); `None` is a closed loop.

@@ -20,9 +20,10 @@ use crate::fixtures::UserRange;
 use crate::stats::{Op, PhaseStats};
 use crate::target::{DeductReply, Outcome, RefundReply, Session, Target};
 
-/// Acknowledgements (deducts, refunds, unsettled requests) one worker records before it stops
-/// early: about 50 bytes each, so a full worker holds some 200 MB.
-pub const LEDGER_ENTRIES_PER_WORKER_MAX: usize = 4_000_000;
+/// Acknowledgements (deducts, refunds, unsettled requests) a phase records, shared out evenly
+/// among its workers; a worker whose share is full stops early. About 50 bytes each, so a full
+/// ledger holds some 1 GB.
+pub const LEDGER_ENTRIES_MAX: usize = 20_000_000;
 
 /// Acknowledged, not yet refunded consumptions a worker keeps to pick refunds from; beyond it a
 /// new one replaces a random one.
@@ -108,14 +109,36 @@ pub struct PhaseRun {
     pub workers: usize,
 }
 
-/// Runs `workload` against `target` over `users`; returns once every request has been answered
-/// (or has timed out), so nothing of the run is still in flight.
+/// Runs `workload` against `target` over `users` (after its unmeasured warm-up, if any);
+/// returns once every request has been answered (or has timed out), so nothing of the phase is
+/// still in flight. The ledger holds the warm-up's acknowledgements too.
 pub async fn drive<T: Target>(
     target: &T,
     workload: &Workload,
     users: UserRange,
 ) -> Result<PhaseRun, Error> {
+    if workload.warmup.is_zero() {
+        return drive_for(target, workload, users, workload.duration, workload.seed).await;
+    }
+    // Another stream than the measured one, so the measurement does not replay the warm-up.
+    let warm_seed = workload.seed ^ 0x5741_524d_5550_0000;
+    let warmup = drive_for(target, workload, users, workload.warmup, warm_seed).await?;
+    let mut run = drive_for(target, workload, users, workload.duration, workload.seed).await?;
+    run.ledger.merge(warmup.ledger);
+    run.stopped_early |= warmup.stopped_early;
+    Ok(run)
+}
+
+/// One timed stretch of the workload: `duration` of requests from a fresh set of sessions.
+async fn drive_for<T: Target>(
+    target: &T,
+    workload: &Workload,
+    users: UserRange,
+    duration: Duration,
+    seed: u64,
+) -> Result<PhaseRun, Error> {
     let workers = workload.concurrency;
+    let ledger_max = LEDGER_ENTRIES_MAX / workers.max(1);
     let mut sessions = Vec::with_capacity(workers);
     for _ in 0..workers {
         sessions.push(target.session().await?);
@@ -123,7 +146,7 @@ pub async fn drive<T: Target>(
     // Unique across runs and phases, though every run uses fresh users anyway.
     let key_prefix = format!("lt{:08x}", fastrand::u32(..));
     let start = Instant::now();
-    let deadline = start + workload.duration;
+    let deadline = start + duration;
     let mut tasks = JoinSet::new();
     for (index, session) in sessions.into_iter().enumerate() {
         let pacing = workload.rate.map(|rate| Pacing {
@@ -133,7 +156,7 @@ pub async fn drive<T: Target>(
         let worker = Worker {
             session,
             index,
-            rng: fastrand::Rng::with_seed(workload.seed.wrapping_add(index as u64)),
+            rng: fastrand::Rng::with_seed(seed.wrapping_add(index as u64)),
             users,
             hot: workload.hot,
             mix: workload.mix,
@@ -146,7 +169,7 @@ pub async fn drive<T: Target>(
             refundable: Vec::with_capacity(REFUNDABLE_MAX),
             retryable: Vec::with_capacity(RETRYABLE_MAX),
         };
-        tasks.spawn(worker.run(pacing, deadline));
+        tasks.spawn(worker.run(pacing, deadline, ledger_max));
     }
     let mut stats = PhaseStats::new()?;
     let mut ledger = Ledger::default();
@@ -221,7 +244,7 @@ fn remember<T>(ring: &mut Vec<T>, max: usize, item: T, rng: &mut fastrand::Rng) 
 }
 
 impl<S: Session> Worker<S> {
-    async fn run(mut self, pacing: Option<Pacing>, deadline: Instant) -> Done {
+    async fn run(mut self, pacing: Option<Pacing>, deadline: Instant, ledger_max: usize) -> Done {
         let mut next = pacing.map(|p| p.first);
         let mut stopped_early = false;
         loop {
@@ -242,7 +265,7 @@ impl<S: Session> Worker<S> {
                     now
                 }
             };
-            if self.ledger.entries() >= LEDGER_ENTRIES_PER_WORKER_MAX {
+            if self.ledger.entries() >= ledger_max {
                 stopped_early = true;
                 break;
             }

@@ -49,6 +49,8 @@ impl EngineProcess {
                 format!("loadtest-{:016x}", fastrand::u64(..)),
             )
             .stdin(Stdio::null())
+            // stdout is the summary's; the engine logs to stderr, which it shares.
+            .stdout(Stdio::null())
             .kill_on_drop(true);
         // The engine's info log says nothing a load run needs; its warnings and errors do.
         if std::env::var_os("RUST_LOG").is_none() {

@@ -93,6 +93,7 @@ pub struct WorkloadSummary {
     pub concurrency: usize,
     pub rate: Option<f64>,
     pub duration_s: f64,
+    pub warmup_s: f64,
     pub mix: String,
     pub hot_users: u64,
     pub hot_share: f64,
@@ -110,6 +111,7 @@ impl WorkloadSummary {
             concurrency: workload.concurrency,
             rate: workload.rate,
             duration_s: workload.duration.as_secs_f64(),
+            warmup_s: workload.warmup.as_secs_f64(),
             mix: format!(
                 "deduct={},check={},refund={}",
                 mix.deduct, mix.check, mix.refund
@@ -178,10 +180,11 @@ impl fmt::Display for Summary {
         };
         writeln!(
             f,
-            "workload: users {}, {pacing}, {} s per phase, mix {}, {}% of deducts retried, \
-             action {} ({} credits), seed {}",
+            "workload: users {}, {pacing}, {} s per phase (after {} s unmeasured), mix {}, \
+             {}% of deducts retried, action {} ({} credits), seed {}",
             w.users,
             w.duration_s,
+            w.warmup_s,
             w.mix,
             w.retry_share * 100.0,
             w.action_key,
@@ -249,7 +252,7 @@ impl fmt::Display for Summary {
                 phase.elapsed_s,
                 phase.workers,
                 if phase.stopped_early {
-                    " (stopped early: a worker's ledger was full)"
+                    " (stopped early: a worker's share of the ledger was full)"
                 } else {
                     ""
                 }

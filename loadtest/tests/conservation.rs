@@ -20,6 +20,7 @@ const SERVICE_TOKEN: &str = "loadtest-test-token";
 fn workload() -> Workload {
     Workload {
         duration: Duration::from_secs(1),
+        warmup: Duration::from_millis(300),
         users: 20,
         concurrency: 8,
         rate: None,
@@ -73,9 +74,10 @@ async fn engine_and_baseline_conserve_every_credit(
     for phase in [&summary.engine, baseline] {
         assert!(phase.conservation.ok, "{summary}");
         assert!(phase.deducts_acknowledged > 0, "{summary}");
-        assert_eq!(
-            phase.conservation.consumptions, phase.deducts_acknowledged,
-            "every acknowledged deduct was checked: {summary}"
+        // Every acknowledged deduct was checked, the warm-up's too.
+        assert!(
+            phase.conservation.consumptions >= phase.deducts_acknowledged,
+            "{summary}"
         );
         // Retries of acknowledged keys came back as replays, and refunds went through.
         assert!(phase.outcomes.get(Outcome::Replayed) > 0, "{summary}");

@@ -178,13 +178,17 @@ impl fmt::Display for Summary {
             ),
             None => format!("closed loop, {} workers", w.concurrency),
         };
+        let warmup = if w.warmup_s > 0.0 {
+            format!(" (after {} s unmeasured)", w.warmup_s)
+        } else {
+            String::new()
+        };
         writeln!(
             f,
-            "workload: users {}, {pacing}, {} s per phase (after {} s unmeasured), mix {}, \
-             {}% of deducts retried, action {} ({} credits), seed {}",
+            "workload: users {}, {pacing}, {} s per phase{warmup}, mix {}, \
+             {}% of deducts retried, action {} costing {}, seed {}",
             w.users,
             w.duration_s,
-            w.warmup_s,
             w.mix,
             w.retry_share * 100.0,
             w.action_key,

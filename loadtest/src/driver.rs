@@ -6,7 +6,7 @@
 //! (`rate`): worker `i` of `C` owns the intended start times `t0 + (i + k * C) / rate`; it
 //! sends each at its time, or at once when it is behind, and every latency runs from the
 //! intended start, so a stall shows as the latency of everything queued behind it instead of
-//! as fewer samples (no coordinated omission).
+//! as fewer samples (no coordinated omission). Nothing new is sent after the deadline.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -250,7 +250,10 @@ impl<S: Session> Worker<S> {
         loop {
             let intended = match (next, pacing) {
                 (Some(at), Some(p)) => {
-                    if at >= deadline {
+                    // A worker that fell behind stops at the deadline too: the backlog shows in
+                    // the latency of what it did send and in the requests/s it reached, and the
+                    // phase lasts its duration however far the target is from the rate.
+                    if at >= deadline || Instant::now() >= deadline {
                         break;
                     }
                     tokio::time::sleep_until(at).await;

@@ -248,9 +248,11 @@ type HttpSeries = (metrics::Counter, metrics::Histogram);
 /// are still recorded, just looked up each time.
 const HTTP_ROUTES_MAX: usize = 1_024;
 
-/// Per route pattern: the series of each (method, status class) seen.
-static HTTP_SERIES: OnceLock<DashMap<String, Vec<(&'static str, &'static str, HttpSeries)>>> =
-    OnceLock::new();
+/// The series of each (method, status class) seen on one route pattern.
+type RouteSeries = Vec<(&'static str, &'static str, HttpSeries)>;
+
+/// Per route pattern.
+static HTTP_SERIES: OnceLock<DashMap<String, RouteSeries>> = OnceLock::new();
 
 /// The method label: the standard methods by name, anything else as `other`.
 fn method_label(method: &str) -> &'static str {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::serve::ListenerExt;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -213,11 +214,15 @@ impl App {
             signal.cancel();
         });
         let with_metrics = self.metrics_listener.is_none();
-        let server = axum::serve(
-            self.listener,
-            http::router(self.state.clone(), with_metrics),
-        )
-        .with_graceful_shutdown(stopping.clone().cancelled_owned());
+        // TCP_NODELAY: a response is written whole, so waiting to coalesce it with more (Nagle)
+        // only adds latency against the client's delayed ACK.
+        let listener = self.listener.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY");
+            }
+        });
+        let server = axum::serve(listener, http::router(self.state.clone(), with_metrics))
+            .with_graceful_shutdown(stopping.clone().cancelled_owned());
         if let Some(listener) = self.metrics_listener {
             let metrics_router = http::metrics_router(self.state.clone());
             let stopped = stopping.clone();

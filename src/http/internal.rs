@@ -111,7 +111,7 @@ fn fingerprint(action_key: &str, quantity: i64, metadata: Option<&Value>) -> Str
         (status = 503, description = "`overloaded` or `unavailable`; retry", body = ErrorBody),
     ),
 )]
-#[tracing::instrument(skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
+#[tracing::instrument(level = "debug", skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
 pub async fn check(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CheckBody>,
@@ -163,7 +163,7 @@ pub async fn deduct(
     answer.map(Json)
 }
 
-#[tracing::instrument(skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
+#[tracing::instrument(level = "debug", skip_all, fields(user_id = body.user_id, action_key = %body.action_key))]
 async fn deduct_body(state: &AppState, body: DeductBody) -> Result<DeductAnswer, ApiError> {
     let user_id = validate::user_id("user_id", body.user_id)?;
     let action_key = validate::action_key(&body.action_key)?.to_owned();
@@ -218,7 +218,7 @@ pub async fn refund(
     answer.map(Json)
 }
 
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 async fn refund_body(state: &AppState, body: RefundBody) -> Result<RefundAnswer, ApiError> {
     let reason = validate::text("reason", body.reason, validate::TEXT_CHARS_MAX)?;
     let (user_id, target) = match (body.consumption_id, body.user_id, body.idempotency_key) {

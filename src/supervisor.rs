@@ -285,19 +285,17 @@ pub fn spawn_reconciliation(
         tracing::info!("reconciliation job disabled");
         return;
     }
-    tracker.spawn(async move {
-        let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                _ = ticks.tick() => {}
-            }
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                result = reconciler.run() => match result {
+    let first = Instant::now() + interval;
+    spawn_periodic(
+        "reconciliation",
+        first,
+        interval,
+        stop,
+        tracker,
+        move || {
+            let reconciler = reconciler.clone();
+            async move {
+                match reconciler.run().await {
                     Ok(report) => tracing::info!(
                         checked_grants = report.checked_grants,
                         checked_wallets = report.checked_wallets,
@@ -307,11 +305,10 @@ pub fn spawn_reconciliation(
                         "reconciliation run finished"
                     ),
                     Err(error) => tracing::warn!(%error, "reconciliation run failed"),
-                },
+                }
             }
-        }
-        tracing::info!("reconciliation job stopped");
-    });
+        },
+    );
 }
 
 /// Due grants read per query; a tick reads again while a full page comes back.
@@ -380,26 +377,15 @@ pub fn spawn_expiry(
         tracing::info!("expiry job disabled");
         return;
     }
-    tracker.spawn(async move {
-        let mut ticks = tokio::time::interval(tick);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                _ = ticks.tick() => {}
-            }
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                result = expirer.run_once() => match result {
-                    Ok(0) => {}
-                    Ok(expired) => tracing::info!(expired, "grants expired"),
-                    Err(error) => tracing::warn!(%error, "expiry run failed; retrying next tick"),
-                },
+    spawn_periodic("expiry", Instant::now(), tick, stop, tracker, move || {
+        let expirer = expirer.clone();
+        async move {
+            match expirer.run_once().await {
+                Ok(0) => {}
+                Ok(expired) => tracing::info!(expired, "grants expired"),
+                Err(error) => tracing::warn!(%error, "expiry run failed; retrying next tick"),
             }
         }
-        tracing::info!("expiry job stopped");
     });
 }
 
@@ -433,8 +419,42 @@ pub fn spawn_health_probe(
     stop: CancellationToken,
     tracker: &TaskTracker,
 ) {
+    spawn_periodic(
+        "health probe",
+        Instant::now(),
+        every,
+        stop,
+        tracker,
+        move || {
+            let (pool, registry, prometheus) = (pool.clone(), registry.clone(), prometheus.clone());
+            async move {
+                if !probe_database(&pool).await {
+                    tracing::warn!("the database does not answer the health probe");
+                }
+                metrics::wallets_active(registry.live_len());
+                prometheus.run_upkeep();
+            }
+        },
+    );
+}
+
+/// Runs `job` at `first` and then every `every` on `tracker`, one run at a time, until `stop`
+/// fires (a run in progress is dropped then: every job here only reads, or writes through the
+/// wallets and the writer, which finish what they took). A late run delays the next one rather
+/// than bunching up.
+fn spawn_periodic<F, Fut>(
+    name: &'static str,
+    first: Instant,
+    every: Duration,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+    mut job: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     tracker.spawn(async move {
-        let mut ticks = tokio::time::interval(every);
+        let mut ticks = tokio::time::interval_at(first, every);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -445,15 +465,10 @@ pub fn spawn_health_probe(
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                ready = probe_database(&pool) => {
-                    if !ready {
-                        tracing::warn!("the database does not answer the health probe");
-                    }
-                }
+                () = job() => {}
             }
-            metrics::wallets_active(registry.live_len());
-            prometheus.run_upkeep();
         }
+        tracing::info!(job = name, "supervisor job stopped");
     });
 }
 

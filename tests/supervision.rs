@@ -127,11 +127,7 @@ async fn a_panicking_wallet_is_restarted_and_no_other_user_notices(pool: PgPool)
     assert_ledger_balanced(&pool).await;
     // The successor's memory is exactly the database: it loaded after every effect of its
     // predecessor had settled.
-    let (status, report) = engine
-        .admin("GET", "/api/admin/billing/reconciliation", None)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{report}");
-    assert_eq!(report["mismatches"], json!([]), "{report}");
+    let report = engine.assert_reconciliation_clean().await;
     assert!(
         report["checked_wallets"].as_i64().unwrap() >= 10,
         "{report}"

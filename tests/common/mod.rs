@@ -324,3 +324,16 @@ pub async fn deduct_until_answered(engine: &TestEngine, body: &Value) -> (Status
     }
     panic!("the engine did not recover for {body}");
 }
+
+impl TestEngine {
+    /// Runs reconciliation through the admin API, asserts it found nothing, and returns its
+    /// report.
+    pub async fn assert_reconciliation_clean(&self) -> Value {
+        let (status, report) = self
+            .admin("GET", "/api/admin/billing/reconciliation", None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(report["mismatches"], json!([]), "{report}");
+        report
+    }
+}

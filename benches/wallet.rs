@@ -54,7 +54,6 @@ async fn wallet() -> (ActorRef<WalletMsg>, Arc<WalletLife>) {
                         replayed: false,
                     };
                     let _ = effect.reply.send(Ok(answer.clone()));
-                    envelope.origin.life.unsettled.settle(1);
                     let _ = envelope.origin.wallet.send_message(WalletMsg::Settled(vec![
                         Settlement::Deduct {
                             idempotency_key: None,

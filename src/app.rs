@@ -88,7 +88,7 @@ impl App {
         );
         let deps = Arc::new(WalletDeps {
             pool: pool.clone(),
-            writer,
+            writer: writer.clone(),
             clock: clock.clone(),
             limits: WalletLimits {
                 enqueue_wait: settings.enqueue_wait(),
@@ -130,6 +130,7 @@ impl App {
         supervisor::spawn_health_probe(
             pool.clone(),
             registry.clone(),
+            writer,
             prometheus.clone(),
             HEALTH_PROBE_EVERY,
             supervisor_stop.clone(),

@@ -33,8 +33,8 @@
 //! - [`registry`]: finds or spawns wallets.
 //! - [`store`]: every SQL statement; [`store::writer`] is the group-commit writer.
 //! - [`http`]: the router, one module per surface, the error body, and the OpenAPI document.
-//! - [`supervisor`]: beside the path: grant expiry, reconciliation, the database health probe,
-//!   and restarts of wallets that panicked.
+//! - [`supervisor`]: beside the path: grant expiry, reconciliation and the database health
+//!   probe. (Restarting a wallet that panicked is the registry's `WalletSupervisor`.)
 //! - [`metrics`]: every Prometheus metric name, in one place.
 //! - [`app`]: wiring and shutdown order; [`config`]: flags and environment.
 

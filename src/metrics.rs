@@ -169,7 +169,7 @@ fn describe() {
     );
     describe_gauge!(
         WRITER_QUEUE_DEPTH,
-        "Effects queued in a writer lane, sampled per batch"
+        "Effects queued in a writer lane, sampled every 5 s"
     );
     describe_gauge!(
         WRITER_QUEUE_MAX,
@@ -313,7 +313,9 @@ pub fn outcome_of_code(code: &str) -> &'static str {
         "consumption_not_found" => "not_found",
         "overloaded" => "overloaded",
         "unavailable" => "unavailable",
-        "invalid_field" | "invalid_json" | "unsupported_media_type" => "invalid",
+        "invalid_field" | "malformed_json" | "body_too_large" | "unsupported_media_type" => {
+            "invalid"
+        }
         _ => "other",
     }
 }

@@ -16,7 +16,7 @@
 //! wallets with nothing in flight are evicted (passivated) to make room; if none can go, the
 //! request is `503 overloaded`.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -130,6 +130,8 @@ pub struct Registry {
     /// Counts admitted requests; each stamps its wallet's `last_use`, which orders wallets
     /// from least to most recently used exactly (a clock would tie).
     uses: AtomicU64,
+    /// Set by `stop_all`: a supervisor restart racing shutdown loads nothing.
+    stopped: AtomicBool,
 }
 
 impl Registry {
@@ -145,6 +147,7 @@ impl Registry {
             supervisor: OnceLock::new(),
             evicting: Mutex::new(()),
             uses: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
         });
         let (supervisor, _join) =
             Actor::spawn(None, WalletSupervisor, Arc::downgrade(&registry)).await?;
@@ -244,31 +247,13 @@ impl Registry {
                 self.wallets.entry(user_id).or_default().clone()
             }
         };
-        let spawned = slot
-            .wallet
-            // Boxed: spawning is the cold path, and its future would otherwise sit inline in
-            // every request's future.
-            .get_or_try_init(|| Box::pin(self.spawn(user_id, slot.predecessor.clone())))
-            .await;
-        match spawned {
-            Ok(handle) => Ok(handle.clone()),
-            Err(error) => {
-                // Leave no empty slot behind to count against `wallets_max`, unless it still
-                // has to hold back a successor until its predecessor's effects settle.
-                self.wallets.remove_if(&user_id, |_, current| {
-                    Arc::ptr_eq(current, &slot) && current.is_vacant()
-                });
-                Err(error)
-            }
+        if let Some(handle) = slot.handle() {
+            return Ok(handle.clone());
         }
-    }
-
-    async fn spawn(
-        &self,
-        user_id: UserId,
-        predecessor: Option<Arc<WalletLife>>,
-    ) -> Result<WalletHandle, EngineError> {
-        if let Some(predecessor) = predecessor {
+        // A wallet that died with effects in flight: its successor loads once they settled.
+        // Waited for here, each request within its own bound, not inside the once-cell's
+        // initialization (which queued requests would run one after another).
+        if let Some(predecessor) = &slot.predecessor {
             let settled = predecessor.unsettled.wait_empty();
             if tokio::time::timeout(PREDECESSOR_SETTLE_WAIT_MAX, settled)
                 .await
@@ -279,6 +264,30 @@ impl Registry {
                 ));
             }
         }
+        let spawned = slot
+            .wallet
+            // Boxed: spawning is the cold path, and its future would otherwise sit inline in
+            // every request's future.
+            .get_or_try_init(|| Box::pin(self.spawn(user_id)))
+            .await;
+        match spawned {
+            Ok(handle) => Ok(handle.clone()),
+            Err(error) => {
+                // Leave no empty slot behind to count against `wallets_max`, unless another
+                // request holds it (it takes the initialization over from this one) or it still
+                // has to hold back a successor until its predecessor's effects settle. Two
+                // references: the map's and this one.
+                self.wallets.remove_if(&user_id, |_, current| {
+                    Arc::ptr_eq(current, &slot)
+                        && current.is_vacant()
+                        && Arc::strong_count(current) == 2
+                });
+                Err(error)
+            }
+        }
+    }
+
+    async fn spawn(&self, user_id: UserId) -> Result<WalletHandle, EngineError> {
         let life = Arc::new(WalletLife::default());
         life.last_use.store(self.next_use(), Ordering::Relaxed);
         let args = WalletArgs {
@@ -316,11 +325,20 @@ impl Registry {
             return Ok(());
         }
         let batch = (self.limits.wallets_max / 64).clamp(1, EVICTION_BATCH_MAX);
-        for user_id in self.least_recently_used(batch) {
-            let evict = self.ask_live(user_id, |reply| WalletMsg::Evict { reply });
-            // A wallet that does not answer in time is busy, so not a candidate anyway.
-            let _ = tokio::time::timeout(EVICTION_ANSWER_WAIT, evict).await;
-        }
+        // Asked all at once, answered within one bound: a wallet that does not answer in time
+        // is busy, so not a candidate anyway.
+        let answers: Vec<_> = self
+            .least_recently_used(batch)
+            .into_iter()
+            .filter_map(|user_id| self.send_live(user_id, |reply| WalletMsg::Evict { reply }))
+            .filter_map(Result::ok)
+            .collect();
+        let all_answered = async {
+            for answer in answers {
+                let _ = answer.await;
+            }
+        };
+        let _ = tokio::time::timeout(EVICTION_ANSWER_WAIT, all_answered).await;
         self.sweep_passivated();
         if self.wallets.len() < self.limits.wallets_max {
             Ok(())
@@ -351,10 +369,11 @@ impl Registry {
     /// Drops the entries of wallets that passivated and were not asked for since (done when the
     /// map is full, and by `live_len`).
     pub fn sweep_passivated(&self) {
-        self.wallets.retain(|_, slot| {
-            slot.handle().is_none_or(|handle| {
-                handle.life.mailbox_depth.load(Ordering::Acquire) & WALLET_CLOSING == 0
-            })
+        self.wallets.retain(|_, slot| match slot.handle() {
+            Some(handle) => handle.life.mailbox_depth.load(Ordering::Acquire) & WALLET_CLOSING == 0,
+            // A slot nobody is loading into (the map holds the only reference) and with no
+            // predecessor left to wait for is dropped.
+            None => !(slot.is_vacant() && Arc::strong_count(slot) == 1),
         });
         metrics::wallets_active(self.wallets.len());
     }
@@ -382,6 +401,9 @@ impl Registry {
     /// next request finds a loaded wallet.
     fn restart_failed(self: Arc<Self>, failed: ActorId, reason: String) {
         metrics::wallet_restarted();
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
         let found = self.wallets.iter().find_map(|entry| {
             let handle = entry.value().handle()?;
             (handle.actor.get_id() == failed).then(|| (*entry.key(), handle.clone()))
@@ -394,6 +416,9 @@ impl Registry {
         tracing::error!(%user_id, reason, "a wallet panicked; restarting it from the database");
         self.retire(user_id, &handle);
         tokio::spawn(async move {
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
             if let Err(error) = self.get_or_spawn(user_id).await {
                 tracing::warn!(%user_id, %error, "restarting the wallet failed; the next request retries");
             }
@@ -436,6 +461,22 @@ impl Registry {
         user_id: UserId,
         make: impl FnOnce(Reply<T>) -> WalletMsg,
     ) -> Option<Result<T, EngineError>> {
+        let answer = match self.send_live(user_id, make)? {
+            Ok(answer) => answer,
+            Err(error) => return Some(Err(error)),
+        };
+        Some(answer.await.unwrap_or(Err(EngineError::Unavailable(
+            "the wallet stopped before answering",
+        ))))
+    }
+
+    /// The sending half of [`Registry::ask_live`]: the answer's receiver, an error if the
+    /// mailbox is full, `None` if no live wallet took the message.
+    fn send_live<T>(
+        &self,
+        user_id: UserId,
+        make: impl FnOnce(Reply<T>) -> WalletMsg,
+    ) -> Option<Result<oneshot::Receiver<Result<T, EngineError>>, EngineError>> {
         let handle = self.wallets.get(&user_id)?.handle()?.clone();
         match admit(&handle.life.mailbox_depth, self.limits.mailbox_max) {
             Admission::Admitted(_) => {}
@@ -455,9 +496,7 @@ impl Registry {
             self.retire(user_id, &handle);
             return None;
         }
-        Some(answer.await.unwrap_or(Err(EngineError::Unavailable(
-            "the wallet stopped before answering",
-        ))))
+        Some(Ok(answer))
     }
 
     /// Test support: makes the user's wallet panic (only with the `fault-injection` feature).
@@ -476,6 +515,7 @@ impl Registry {
 
     /// Stops every wallet and their supervisor (at shutdown, after the HTTP server has drained).
     pub fn stop_all(&self) {
+        self.stopped.store(true, Ordering::Release);
         for entry in self.wallets.iter() {
             if let Some(handle) = entry.value().handle() {
                 handle.actor.stop(Some("engine shutting down".into()));

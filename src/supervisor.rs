@@ -409,11 +409,14 @@ pub async fn probe_database(pool: &PgPool) -> bool {
     ready
 }
 
-/// Samples readiness, the pool and the wallet count into the metrics every `every`, and keeps
-/// the Prometheus histograms trimmed, until `stop`.
+/// Samples the writer lanes' queues, readiness, the pool and the wallet count into the metrics
+/// every `every`, and keeps the Prometheus histograms trimmed, until `stop`. (The queues are
+/// sampled here rather than by the lanes, which would only see them right after taking a batch
+/// and not at all while a commit hangs.)
 pub fn spawn_health_probe(
     pool: PgPool,
     registry: Arc<Registry>,
+    writer: crate::store::writer::WriterHandle,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
     every: Duration,
     stop: CancellationToken,
@@ -426,6 +429,9 @@ pub fn spawn_health_probe(
         stop,
         tracker,
         move || {
+            for (lane, depth) in writer.queued_by_lane().enumerate() {
+                metrics::writer_queue_depth(lane, depth);
+            }
             let (pool, registry, prometheus) = (pool.clone(), registry.clone(), prometheus.clone());
             async move {
                 if !probe_database(&pool).await {

@@ -30,8 +30,8 @@ use crate::error::EngineError;
 use crate::metrics;
 use crate::store::{self, StoredConsumption, UserPackageRow};
 use crate::wallet::{
-    DeductAnswer, DeductOutcome, DeductRequest, RefundAnswer, RefundOutcome, Reply, Settlement,
-    WalletLife, WalletMsg, original_answer,
+    DeductAnswer, DeductOutcome, DeductRequest, RefundAnswer, RefundOutcome, Reply, SettleOnDrop,
+    Settlement, WalletMsg, original_answer,
 };
 
 /// Consumption ids are handed out in blocks of this many per `nextval`, so a batch knows its ids
@@ -45,8 +45,6 @@ pub struct Origin {
     pub epoch: u64,
     /// The wallet's current epoch; the writer bumps it when a batch with this wallet fails.
     pub epoch_cell: Arc<AtomicU64>,
-    /// The wallet life's count of unsettled effects, which the writer lowers as it settles.
-    pub life: Arc<WalletLife>,
 }
 
 impl Origin {
@@ -120,6 +118,9 @@ pub enum Effect {
 pub struct Envelope {
     pub origin: Origin,
     pub effect: Effect,
+    /// Counts the effect in its wallet life's unsettled effects until the envelope is gone:
+    /// after its commit or failure, so a successor of a wallet that died loads only then.
+    pub settles: SettleOnDrop,
 }
 
 /// The senders of the writer lanes. A user always maps to the same lane, so one user's effects
@@ -153,12 +154,11 @@ impl WriterHandle {
         )
     }
 
-    /// Effects queued in all lanes, waiting for a batch.
-    pub fn queued(&self) -> usize {
+    /// Effects queued in each lane, waiting for a batch.
+    pub fn queued_by_lane(&self) -> impl Iterator<Item = usize> + '_ {
         self.lanes
             .iter()
             .map(|lane| lane.max_capacity() - lane.capacity())
-            .sum()
     }
 }
 
@@ -180,10 +180,9 @@ pub fn spawn_lanes(
     tracker: &tokio_util::task::TaskTracker,
 ) -> WriterHandle {
     let lanes: Vec<_> = (0..limits.lanes.max(1))
-        .map(|lane| {
+        .map(|_| {
             let (sender, receiver) = mpsc::channel(limits.queue_max.max(1));
             tracker.spawn(run_lane(
-                lane,
                 receiver,
                 pool.clone(),
                 limits.batch_max.max(1),
@@ -198,7 +197,6 @@ pub fn spawn_lanes(
 }
 
 async fn run_lane(
-    lane: usize,
     mut queue: mpsc::Receiver<Envelope>,
     pool: PgPool,
     batch_max: usize,
@@ -214,7 +212,6 @@ async fn run_lane(
         };
         let Some(first) = first else { break };
         let batch = fill_batch(first, &mut queue, batch_max);
-        metrics::writer_queue_depth(lane, queue.len());
         process(&pool, &mut ids, batch).await;
     }
     // Whatever raced the stop is still committed, never dropped.
@@ -305,9 +302,6 @@ impl Reports {
 
     fn send(self) {
         for (origin, settlements) in self.by_wallet.into_values() {
-            // Settled in the life's count first: the database already holds these effects (or
-            // they failed), so a successor of a wallet that died may load from it now.
-            origin.life.unsettled.settle(settlements.len());
             // A wallet that is gone has nothing left to reconcile: its successor loads from the
             // database, which holds exactly what committed.
             let _ = origin.wallet.send_message(WalletMsg::Settled(settlements));

@@ -82,12 +82,31 @@ pub struct Unsettled {
     settled: tokio::sync::Notify,
 }
 
+/// Settles one effect of a wallet life when dropped. The envelope that carries the effect owns
+/// it, so the count falls exactly once per effect, whether the writer commits the effect, fails
+/// it, or drops it unanswered (a lane that died, a send that raced the lanes' last drain).
+#[derive(Debug)]
+pub struct SettleOnDrop(Arc<WalletLife>);
+
+impl SettleOnDrop {
+    pub fn new(life: Arc<WalletLife>) -> SettleOnDrop {
+        life.unsettled.add();
+        SettleOnDrop(life)
+    }
+}
+
+impl Drop for SettleOnDrop {
+    fn drop(&mut self) {
+        self.0.unsettled.settle(1);
+    }
+}
+
 impl Unsettled {
-    pub fn add(&self) {
+    fn add(&self) {
         self.count.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub fn settle(&self, effects: usize) {
+    fn settle(&self, effects: usize) {
         if self.count.fetch_sub(effects, Ordering::AcqRel) == effects {
             self.settled.notify_waiters();
         }
@@ -357,15 +376,14 @@ impl WalletState {
         effect: Effect,
     ) {
         self.in_flight += 1;
-        self.life.unsettled.add();
         permit.send(Envelope {
             origin: Origin {
                 wallet: myself.clone(),
                 epoch: self.epoch,
                 epoch_cell: self.epoch_cell.clone(),
-                life: self.life.clone(),
             },
             effect,
+            settles: SettleOnDrop::new(self.life.clone()),
         });
     }
 

@@ -36,11 +36,7 @@ async fn traffic_shows_in_the_metrics_with_route_patterns_not_raw_paths(pool: Pg
         .await;
     assert_eq!(status, StatusCode::OK);
     let (status, _) = engine
-        .admin(
-            "GET",
-            &format!("/api/admin/users/77/billing-packages"),
-            None,
-        )
+        .admin("GET", "/api/admin/users/77/billing-packages", None)
         .await;
     assert_eq!(status, StatusCode::OK);
     let (status, _) = engine.get(&format!("/no/such/{grant}"), None).await;

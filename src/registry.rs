@@ -43,7 +43,8 @@ const PREDECESSOR_SETTLE_WAIT_MAX: Duration = Duration::from_secs(10);
 /// so one scan of the map makes room for many spawns.
 const EVICTION_BATCH_MAX: usize = 256;
 
-/// Longest an eviction waits for one wallet's answer (a busy wallet is skipped).
+/// Longest an eviction pass waits for the answers of the wallets it asked (all are asked at
+/// once; one that has not answered by then is busy and skipped).
 const EVICTION_ANSWER_WAIT: Duration = Duration::from_millis(50);
 
 /// The high bit of a wallet's mailbox counter: set by the wallet itself, only while the

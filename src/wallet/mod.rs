@@ -73,9 +73,10 @@ pub struct WalletLife {
     pub unsettled: Unsettled,
 }
 
-/// A count of effects in flight that can be waited on to reach zero. The writer settles them,
-/// so the count falls even when the wallet that handed them over has died: a successor loads
-/// from the database only once its predecessor's effects are there (or known to have failed).
+/// A count of effects in flight that can be waited on to reach zero. The envelopes carrying the
+/// effects settle them ([`SettleOnDrop`]) once the writer is done with them, so the count falls
+/// even when the wallet that handed them over has died: a successor loads from the database only
+/// once its predecessor's effects are there (or known to have failed).
 #[derive(Debug, Default)]
 pub struct Unsettled {
     count: AtomicUsize,

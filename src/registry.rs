@@ -23,8 +23,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use ractor::{
-    Actor, ActorId, ActorProcessingErr, ActorRef, ActorStatus, MessagingErr, SpawnErr,
-    SupervisionEvent,
+    Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, SpawnErr, SupervisionEvent,
 };
 use tokio::sync::{Mutex, OnceCell, oneshot};
 
@@ -298,20 +297,11 @@ impl Registry {
             life: life.clone(),
             preloaded: None,
         };
-        // Linked to the supervisor while it runs. It never stops before shutdown; if it had,
-        // wallets still start (unsupervised: a panic is then noticed by the next request).
-        let supervisor = self
-            .supervisor
-            .get()
-            .filter(|supervisor| supervisor.get_status() == ActorStatus::Running);
-        let spawned = match supervisor {
+        let spawned = match self.supervisor.get() {
             Some(supervisor) => {
                 Actor::spawn_linked(None, Wallet, args, supervisor.get_cell()).await
             }
-            None => {
-                tracing::warn!(%user_id, "the wallet supervisor is not running; wallet unsupervised");
-                Actor::spawn(None, Wallet, args).await
-            }
+            None => Actor::spawn(None, Wallet, args).await,
         };
         match spawned {
             Ok((actor, _join)) => {

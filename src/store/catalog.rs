@@ -5,13 +5,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
-use super::{ActionPriceRow, PackageRow, insert_event};
-
-const PRICE_COLUMNS: &str =
-    "action_key, name, description, credits_cost, enabled, version, created_at, updated_at";
-const PACKAGE_COLUMNS: &str = "id, name, description, package_type, credits_amount, duration_days,
-    price_cents, currency, priority, visible, assign_to_new_users, sort_order, created_at,
-    updated_at, deleted_at";
+use super::{ActionPriceRow, PACKAGE_COLUMNS, PRICE_COLUMNS, PackageRow, insert_event};
 
 /// The fields of an action price an operator sets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,13 +53,7 @@ pub async fn insert_action_price(
     let Some(row) = row else {
         return Ok(None);
     };
-    let payload = json!({
-        "action_key": row.action_key,
-        "version": row.version,
-        "credits_cost": row.credits_cost,
-        "enabled": row.enabled,
-        "name": row.name,
-    });
+    let payload = price_event_payload(&row);
     insert_event(&mut tx, "billing_action_price_create", None, &payload, now).await?;
     tx.commit().await?;
     Ok(Some(row))
@@ -106,22 +94,27 @@ pub async fn update_action_price<E: From<sqlx::Error>>(
     .bind(now)
     .fetch_one(&mut *tx)
     .await?;
-    let payload = json!({
+    let mut payload = price_event_payload(&row);
+    payload["previous"] = json!({
+        "version": current.version,
+        "credits_cost": current.credits_cost,
+        "enabled": current.enabled,
+        "name": current.name,
+    });
+    insert_event(&mut tx, "billing_action_price_update", None, &payload, now).await?;
+    tx.commit().await?;
+    Ok(Some(row))
+}
+
+/// What a price event records of the price (an update adds the `previous` values).
+fn price_event_payload(row: &ActionPriceRow) -> serde_json::Value {
+    json!({
         "action_key": row.action_key,
         "version": row.version,
         "credits_cost": row.credits_cost,
         "enabled": row.enabled,
         "name": row.name,
-        "previous": {
-            "version": current.version,
-            "credits_cost": current.credits_cost,
-            "enabled": current.enabled,
-            "name": current.name,
-        },
-    });
-    insert_event(&mut tx, "billing_action_price_update", None, &payload, now).await?;
-    tx.commit().await?;
-    Ok(Some(row))
+    })
 }
 
 /// Every action price, by key (a catalog holds tens, not thousands).

@@ -62,11 +62,18 @@ pub struct ActionPriceRow {
     pub updated_at: DateTime<Utc>,
 }
 
+/// The columns of an [`ActionPriceRow`], for every statement that reads or returns one.
+pub(crate) const PRICE_COLUMNS: &str =
+    "action_key, name, description, credits_cost, enabled, version, created_at, updated_at";
+/// The columns of a [`PackageRow`].
+pub(crate) const PACKAGE_COLUMNS: &str = "id, name, description, package_type, credits_amount,
+    duration_days, price_cents, currency, priority, visible, assign_to_new_users, sort_order,
+    created_at, updated_at, deleted_at";
+
 pub async fn load_action_prices(pool: &PgPool) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT action_key, name, description, credits_cost, enabled, version, created_at, updated_at
-         FROM action_prices ORDER BY action_key",
-    )
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRICE_COLUMNS} FROM action_prices ORDER BY action_key"
+    )))
     .fetch_all(pool)
     .await
 }
@@ -92,12 +99,9 @@ pub struct PackageRow {
 }
 
 pub async fn load_packages(pool: &PgPool) -> Result<Vec<PackageRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, name, description, package_type, credits_amount, duration_days, price_cents,
-                currency, priority, visible, assign_to_new_users, sort_order, created_at,
-                updated_at, deleted_at
-         FROM packages ORDER BY sort_order, id",
-    )
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PACKAGE_COLUMNS} FROM packages ORDER BY sort_order, id"
+    )))
     .fetch_all(pool)
     .await
 }

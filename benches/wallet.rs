@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use credits_engine::clock::SystemClock;
 use credits_engine::domain::{Balance, Credits, Grant, GrantStatus, UserId, UserPackageId};
+use credits_engine::error::EngineError;
 use credits_engine::store::writer::{Effect, WriterHandle};
 use credits_engine::wallet::{
-    DeductAnswer, DeductOutcome, DeductRequest, Settlement, Wallet, WalletArgs, WalletDeps,
+    DeductAnswer, DeductOutcome, DeductRequest, Reply, Settlement, Wallet, WalletArgs, WalletDeps,
     WalletLife, WalletLimits, WalletMsg,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -106,6 +107,26 @@ fn deduct_request() -> DeductRequest {
     }
 }
 
+/// Sends a request into the wallet's mailbox as the registry does (counting it in the mailbox
+/// depth the wallet counts down), and returns where its answer arrives.
+fn send<T>(
+    actor: &ActorRef<WalletMsg>,
+    life: &WalletLife,
+    make: impl FnOnce(Reply<T>) -> WalletMsg,
+) -> oneshot::Receiver<Result<T, EngineError>> {
+    let (reply, answer) = oneshot::channel();
+    life.mailbox_depth.fetch_add(1, Ordering::AcqRel);
+    actor.send_message(make(reply)).unwrap();
+    answer
+}
+
+fn deduct(reply: Reply<DeductAnswer>) -> WalletMsg {
+    WalletMsg::Deduct {
+        request: deduct_request(),
+        reply,
+    }
+}
+
 fn round_trip(c: &mut Criterion) {
     let runtime = Runtime::new().unwrap();
     let (actor, life) = runtime.block_on(wallet());
@@ -113,47 +134,22 @@ fn round_trip(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("check", |b| {
         b.to_async(&runtime).iter(|| async {
-            let (reply, answer) = oneshot::channel();
-            life.mailbox_depth.fetch_add(1, Ordering::AcqRel);
-            actor
-                .send_message(WalletMsg::Check {
-                    credits_cost: Credits::new(1).unwrap(),
-                    reply,
-                })
-                .unwrap();
-            answer.await.unwrap().unwrap()
+            let check = |reply| WalletMsg::Check {
+                credits_cost: Credits::new(1).unwrap(),
+                reply,
+            };
+            send(&actor, &life, check).await.unwrap().unwrap()
         });
     });
     group.bench_function("deduct_through_fake_writer", |b| {
-        b.to_async(&runtime).iter(|| async {
-            let (reply, answer) = oneshot::channel();
-            life.mailbox_depth.fetch_add(1, Ordering::AcqRel);
-            actor
-                .send_message(WalletMsg::Deduct {
-                    request: deduct_request(),
-                    reply,
-                })
-                .unwrap();
-            answer.await.unwrap().unwrap()
-        });
+        b.to_async(&runtime)
+            .iter(|| async { send(&actor, &life, deduct).await.unwrap().unwrap() });
     });
     // 64 deducts in flight at once, as concurrent callers make them: the actor pipelines.
     group.throughput(Throughput::Elements(64));
     group.bench_function("deduct_64_in_flight", |b| {
         b.to_async(&runtime).iter(|| async {
-            let answers: Vec<_> = (0..64)
-                .map(|_| {
-                    let (reply, answer) = oneshot::channel();
-                    life.mailbox_depth.fetch_add(1, Ordering::AcqRel);
-                    actor
-                        .send_message(WalletMsg::Deduct {
-                            request: deduct_request(),
-                            reply,
-                        })
-                        .unwrap();
-                    answer
-                })
-                .collect();
+            let answers: Vec<_> = (0..64).map(|_| send(&actor, &life, deduct)).collect();
             for answer in answers {
                 answer.await.unwrap().unwrap();
             }

@@ -157,11 +157,6 @@ impl Registry {
         Ok(registry)
     }
 
-    /// Wallets currently in memory.
-    pub fn len(&self) -> usize {
-        self.wallets.len()
-    }
-
     /// Wallets in memory that have not passivated.
     pub fn live_len(&self) -> usize {
         self.sweep_passivated();
@@ -176,10 +171,6 @@ impl Registry {
             .is_some_and(|handle| {
                 handle.life.mailbox_depth.load(Ordering::Acquire) & WALLET_CLOSING == 0
             })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.wallets.is_empty()
     }
 
     /// Sends a request to the user's wallet and waits for its answer (which, for a deduction,
@@ -367,8 +358,9 @@ impl Registry {
         candidates.into_iter().map(|(_, user_id)| user_id).collect()
     }
 
-    /// Drops the entries of wallets that passivated and were not asked for since (done when the
-    /// map is full, and by `live_len`).
+    /// Drops the entries of wallets that passivated and were not asked for since, and records
+    /// how many are left in the metrics (done when the map is full, by `live_len`, and by the
+    /// health probe).
     pub fn sweep_passivated(&self) {
         self.wallets.retain(|_, slot| match slot.handle() {
             Some(handle) => handle.life.mailbox_depth.load(Ordering::Acquire) & WALLET_CLOSING == 0,

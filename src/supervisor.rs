@@ -437,7 +437,7 @@ pub fn spawn_health_probe(
                 if !probe_database(&pool).await {
                     tracing::warn!("the database does not answer the health probe");
                 }
-                metrics::wallets_active(registry.live_len());
+                registry.sweep_passivated();
                 prometheus.run_upkeep();
             }
         },

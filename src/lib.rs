@@ -33,6 +33,8 @@
 //! - [`registry`]: finds or spawns wallets.
 //! - [`store`]: every SQL statement; [`store::writer`] is the group-commit writer.
 //! - [`http`]: the router, one module per surface, the error body, and the OpenAPI document.
+//! - [`console`]: server-rendered pages for operators (`/console`) and users (`/me`), a
+//!   client of the API in process.
 //! - [`supervisor`]: beside the path: grant expiry, reconciliation and the database health
 //!   probe. (Restarting a wallet that panicked is the registry's `WalletSupervisor`.)
 //! - [`metrics`]: every Prometheus metric name, in one place.
@@ -42,6 +44,7 @@ pub mod app;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod error;
 pub mod http;

@@ -60,7 +60,19 @@ impl Auth {
             .any(|known| known == &presented)
     }
 
-    fn verify_jwt(&self, token: &str) -> Result<Principal, ApiError> {
+    pub(crate) fn verify_jwt(&self, token: &str) -> Result<Principal, ApiError> {
+        self.verify_claims(token).map(|(principal, _)| principal)
+    }
+
+    /// When a token that [`Auth::verify_jwt`] accepts expires (its `exp`, Unix seconds): the
+    /// console's session cookie ends with it.
+    pub(crate) fn expiry(&self, token: &str) -> Result<i64, String> {
+        self.verify_claims(token)
+            .map(|(_, exp)| exp)
+            .map_err(|error| error.message)
+    }
+
+    fn verify_claims(&self, token: &str) -> Result<(Principal, i64), ApiError> {
         let key = self
             .jwt_key
             .as_ref()
@@ -77,10 +89,11 @@ impl Auth {
             .ok()
             .filter(|id| *id > 0)
             .ok_or_else(|| ApiError::unauthorized("the token's sub is not a user id"))?;
-        Ok(Principal {
+        let principal = Principal {
             user_id: UserId(user_id),
             admin: claims.role.as_deref() == Some("admin"),
-        })
+        };
+        Ok((principal, claims.exp))
     }
 }
 

@@ -86,7 +86,7 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         .routes(routes!(user::packages))
         .merge(reports::user_routes())
         .route_layer(from_fn_with_state(state.clone(), auth::require_user));
-    let (mut router, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let (api, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi::document))
@@ -96,16 +96,21 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         .merge(admin)
         .merge(user)
         .split_for_parts();
+    let api = api
+        .layer(Extension(openapi::Shared::new(document)))
+        .layer(DefaultBodyLimit::max(extract::BODY_BYTES_MAX))
+        .with_state(state.clone());
+    // The console calls the API in process; its requests are not counted again as API
+    // requests (the console's own request is).
+    let console = crate::console::router(api.clone(), state.auth.clone());
+    let mut router = api.merge(console);
     if with_metrics {
-        router = router.route("/metrics", get(metrics));
+        router = router.route("/metrics", get(metrics).with_state(state));
     }
     router
-        .layer(Extension(openapi::Shared::new(document)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(extract::BODY_BYTES_MAX))
         .layer(from_fn(track_requests))
-        .with_state(state)
 }
 
 /// `/metrics` alone, for its own listen address.

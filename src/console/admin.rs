@@ -10,7 +10,9 @@ use maud::{Markup, html};
 use serde_json::{Value, json};
 
 use super::filters::{self, param};
-use super::views::{self, cell, checkbox, csrf_field, field, form_error, items, select, table};
+use super::views::{
+    self, cell, checkbox, csrf_field, field, filter_select, form_error, items, select, table,
+};
 use super::{AdminSession, Console, Failure, Form, Kind, Session, json_body};
 
 /// Pages of 500 the console reads to show a whole catalog list (prices, packages to assign).
@@ -144,7 +146,7 @@ async fn prices_page(
             }
         }
         h2 { "New action price" }
-        form.card method="post" action="/console/prices" {
+        form.card #price-create method="post" action="/console/prices" {
             (csrf_field(session))
             (form_error(failure, &["action_key", "name", "description", "credits_cost", "enabled"]))
             (field("Key (a-z 0-9 _ . -)", "action_key", "text", value("action_key"), failure))
@@ -362,11 +364,11 @@ async fn packages_page(
     let current = |name: &str| param(query, name);
     let content = html! {
         form.filters method="get" action="/console/packages" {
-            (select("Type", "package_type", &with_any(&PACKAGE_TYPES), Some(&current("package_type")), None))
-            (select("Visible", "visible", &with_any(&["true", "false"]), Some(&current("visible")), None))
-            (select("Deleted", "include_deleted", &[(String::new(), "hide".to_owned()), ("true".to_owned(), "show".to_owned())], Some(&current("include_deleted")), None))
-            (select("Sort by", "sort", &options(&["sort_order", "id", "credits_amount", "price_cents"]), Some(&current("sort")), None))
-            (select("Order", "order", &options(&["asc", "desc"]), Some(&current("order")), None))
+            (filter_select("Type", "package_type", &with_any(&PACKAGE_TYPES), &current("package_type")))
+            (filter_select("Visible", "visible", &with_any(&["true", "false"]), &current("visible")))
+            (filter_select("Deleted", "include_deleted", &[(String::new(), "hide".to_owned()), ("true".to_owned(), "show".to_owned())], &current("include_deleted")))
+            (filter_select("Sort by", "sort", &options(&["sort_order", "id", "credits_amount", "price_cents"]), &current("sort")))
+            (filter_select("Order", "order", &options(&["asc", "desc"]), &current("order")))
             button type="submit" { "Filter" }
         }
         table {
@@ -436,7 +438,7 @@ fn package_form(
     let package_type = value("package_type").unwrap_or_else(|| "credits".to_owned());
     let names: Vec<&str> = PACKAGE_FIELDS.iter().map(|(name, _)| *name).collect();
     html! {
-        form.card method="post" action=(action) {
+        form.card #package-form method="post" action=(action) {
             (csrf_field(session))
             (form_error(failure, &names))
             (field("Name", "name", "text", value("name").as_deref(), failure))
@@ -634,7 +636,7 @@ async fn users_page(
     let finder = html! {
         form.filters method="get" action="/console/users" {
             (field("User id", "user_id", "number", Some(&user_id), None))
-            (select("Status", "status", &with_any(&GRANT_STATUSES), Some(&status), None))
+            (filter_select("Status", "status", &with_any(&GRANT_STATUSES), &status))
             button type="submit" { "Find" }
         }
     };
@@ -741,7 +743,7 @@ async fn users_page(
         }
         (views::next_page("/console/users", &[("user_id", user_id.clone()), ("status", status.clone())], &grants))
         h2 { "Assign a package" }
-        form.card method="post" action={ "/console/users/" (user) "/grants" } {
+        form.card #assign method="post" action={ "/console/users/" (user) "/grants" } {
             (csrf_field(session))
             (form_error(failure.filter(|failure| failure.field.is_some()), &["package_id", "source", "priority", "expires_at", "note", "external_ref", "activate"]))
             (select("Package", "package_id", &package_options, value("package_id"), failure))
@@ -904,7 +906,7 @@ pub async fn consumption(
             form.filters method="get" action="/console/consumption" {
                 (field("User id", "user_id", "number", Some(&value("user_id")), failure))
                 (field("Action", "action_key", "text", Some(&value("action_key")), failure))
-                (select("Status", "status", &with_any(&["completed", "refunded"]), Some(&value("status")), failure))
+                (filter_select("Status", "status", &with_any(&["completed", "refunded"]), &value("status")))
                 (field("From (UTC date)", "from", "date", Some(&value("from")), failure))
                 (field("To (UTC date, inclusive)", "to", "date", Some(&value("to")), failure))
                 button type="submit" { "Filter" }

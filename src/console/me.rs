@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use maud::html;
 
 use super::filters::{self, param};
-use super::views::{self, cell, field, items, select, table};
+use super::views::{self, cell, field, filter_select, items, table};
 use super::{Console, Failure, Session};
 
 pub async fn credits(State(console): State<Console>, session: Session) -> Response {
@@ -74,7 +74,7 @@ pub async fn packages(
     });
     let content = html! {
         form.filters method="get" action="/me/packages" {
-            (select("Status", "status", &statuses, Some(&status), None))
+            (filter_select("Status", "status", &statuses, &status))
             button type="submit" { "Filter" }
         }
         (table(items(&answer), &[("package_name", "Package"), ("status", "Status"), ("source", "Source"),

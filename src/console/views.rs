@@ -158,6 +158,27 @@ pub fn select(
     }
 }
 
+/// A select of a filter form: its id is `filter-<name>`, so it never collides with the field
+/// of the same name in a form on the same page.
+pub fn filter_select(
+    label: &str,
+    name: &str,
+    options: &[(String, String)],
+    selected: &str,
+) -> Markup {
+    let id = format!("filter-{name}");
+    html! {
+        div.field {
+            label for=(id) { (label) }
+            select id=(id) name=(name) {
+                @for (value, text) in options {
+                    option value=(value) selected[selected == value] { (text) }
+                }
+            }
+        }
+    }
+}
+
 pub fn checkbox(label: &str, name: &str, checked: bool, failure: Option<&Failure>) -> Markup {
     let error = failure.and_then(|failure| failure.for_field(name));
     html! {

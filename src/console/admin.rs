@@ -454,7 +454,7 @@ fn package_form(
             (checkbox("Assign to new users", "assign_to_new_users", flag("assign_to_new_users", false), failure))
             button type="submit" { (submit) }
         }
-        (views::script(views::PACKAGE_FORM_SCRIPT))
+        script src="/console/assets/package_form.js" {}
     }
 }
 

@@ -106,7 +106,41 @@ pub fn router(api: Router, auth: Arc<Auth>) -> Router {
         .route("/me/packages", get(me::packages))
         .route("/me/consumption", get(me::consumption))
         .route("/console/assets/console.css", get(views::stylesheet))
+        .route(
+            "/console/assets/package_form.js",
+            get(views::package_form_script),
+        )
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(console)
+}
+
+/// Pages load only this site's own scripts and styles, cannot be framed (no clickjacking of
+/// the console's buttons), and are not kept in shared caches: they show billing data.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+    img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-store"),
+        );
+    }
+    response
 }
 
 /// The signed-in person: their JWT (sent to the API as the bearer), who it speaks for, and the

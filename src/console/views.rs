@@ -3,7 +3,7 @@
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use maud::{DOCTYPE, Markup, PreEscaped, html};
+use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
 
 use super::{Failure, Session};
@@ -12,15 +12,23 @@ use super::{Failure, Session};
 const STYLESHEET: &str = include_str!("console.css");
 
 /// Shows or hides the package form's fields by package type (the server checks them anyway).
-pub const PACKAGE_FORM_SCRIPT: &str = include_str!("package_form.js");
+const PACKAGE_FORM_SCRIPT: &str = include_str!("package_form.js");
 
 pub async fn stylesheet() -> Response {
+    asset("text/css; charset=utf-8", STYLESHEET)
+}
+
+pub async fn package_form_script() -> Response {
+    asset("text/javascript; charset=utf-8", PACKAGE_FORM_SCRIPT)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
     (
         [
-            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, "public, max-age=3600"),
         ],
-        STYLESHEET,
+        body,
     )
         .into_response()
 }
@@ -323,9 +331,4 @@ pub fn bar_chart(title: &str, bars: &[(String, i64)]) -> Markup {
             }
         }
     }
-}
-
-/// Inline script, trusted (one of this module's constants).
-pub fn script(source: &'static str) -> Markup {
-    html! { script { (PreEscaped(source)) } }
 }

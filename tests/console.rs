@@ -150,6 +150,29 @@ async fn visitors_sign_in_with_a_token_kept_in_a_strict_http_only_cookie(pool: P
         );
     }
 
+    // Behind a TLS-terminating proxy the cookie is also Secure; over plain HTTP it cannot be.
+    assert!(
+        !anonymous
+            .send("POST", "/console/login", Some(&form(&[("token", &admin)])))
+            .await
+            .headers[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Secure")
+    );
+    let behind_tls = Request::post("/console/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .body(Body::from(form(&[("token", &admin)])))
+        .unwrap();
+    let response = engine.router.clone().oneshot(behind_tls).await.unwrap();
+    assert!(
+        response.headers()[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .ends_with("; Secure")
+    );
+
     // A user's token goes to their own page, and the console refuses it.
     let user = Browser::signed_in(&engine, &common::user_token(7)).await;
     let console = user.get("/console/prices").await;

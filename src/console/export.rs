@@ -87,7 +87,7 @@ pub async fn consumption_xlsx(
             );
         }
     };
-    let built = tokio::task::spawn_blocking(move || workbook(&bytes)).await;
+    let built = tokio::task::spawn_blocking(move || workbook(&bytes, XLSX_ROWS_MAX)).await;
     match built {
         Ok(Ok(Some(file))) => (
             [
@@ -141,8 +141,8 @@ pub enum WorkbookError {
 }
 
 /// The CSV export as one worksheet, with the same header row; `None` when it has more than
-/// [`XLSX_ROWS_MAX`] rows.
-pub fn workbook(csv_bytes: &[u8]) -> Result<Option<Vec<u8>>, WorkbookError> {
+/// `rows_max` rows.
+fn workbook(csv_bytes: &[u8], rows_max: usize) -> Result<Option<Vec<u8>>, WorkbookError> {
     let mut reader = csv::Reader::from_reader(csv_bytes);
     let headers = reader.headers()?.clone();
     let numeric: Vec<bool> = headers
@@ -160,7 +160,7 @@ pub fn workbook(csv_bytes: &[u8]) -> Result<Option<Vec<u8>>, WorkbookError> {
     for record in reader.records() {
         let record = record?;
         rows += 1;
-        if rows > XLSX_ROWS_MAX {
+        if rows > rows_max {
             return Ok(None);
         }
         let row = u32::try_from(rows).map_err(|_| XlsxError::RowColumnLimitError)?;
@@ -187,4 +187,38 @@ pub fn workbook(csv_bytes: &[u8]) -> Result<Option<Vec<u8>>, WorkbookError> {
 
 fn column_index(column: usize) -> Result<u16, XlsxError> {
     u16::try_from(column).map_err(|_| XlsxError::RowColumnLimitError)
+}
+
+#[cfg(test)]
+mod tests {
+    use calamine::{Data, Reader, Xlsx};
+
+    use super::*;
+
+    const CSV: &str = "id,user_id,action_key,credits_cost,idempotency_key,metadata\n\
+        7,42,ai_chat,3,key-1,\"{\"\"note\"\":\"\"a, b\"\"}\"\n\
+        9007199254740993,42,pdf_export,1,,\n";
+
+    #[test]
+    fn the_workbook_holds_the_csv_rows_with_numbers_as_numbers() {
+        let file = workbook(CSV.as_bytes(), 10).unwrap().unwrap();
+        let mut book = Xlsx::new(std::io::Cursor::new(file)).unwrap();
+        let sheet = book.worksheet_range("consumption").unwrap();
+        let rows: Vec<Vec<Data>> = sheet.rows().map(<[Data]>::to_vec).collect();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0][0], Data::String("id".to_owned()));
+        assert_eq!(rows[1][0], Data::Float(7.0));
+        assert_eq!(rows[1][3], Data::Float(3.0));
+        assert_eq!(rows[1][2], Data::String("ai_chat".to_owned()));
+        assert_eq!(rows[1][5], Data::String("{\"note\":\"a, b\"}".to_owned()));
+        // Beyond 2^53 a spreadsheet number would round: the id stays exact, as text.
+        assert_eq!(rows[2][0], Data::String("9007199254740993".to_owned()));
+        assert_eq!(rows[2][4], Data::Empty);
+    }
+
+    #[test]
+    fn a_report_over_the_row_limit_is_refused_not_cut() {
+        assert!(workbook(CSV.as_bytes(), 1).unwrap().is_none());
+        assert!(workbook(CSV.as_bytes(), 2).unwrap().is_some());
+    }
 }

@@ -412,8 +412,9 @@ async fn login_form(
 }
 
 async fn login(
-    axum::extract::State(console): axum::extract::State<Console>,
+    State(console): State<Console>,
     axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+    headers: HeaderMap,
     axum::Form(form): axum::Form<LoginForm>,
 ) -> Response {
     let next = safe_next(form.next.as_deref(), uri.path());
@@ -440,8 +441,14 @@ async fn login(
         "/me".to_owned()
     };
     let max_age = (expires_at - chrono::Utc::now().timestamp()).max(0);
-    let cookie =
-        format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}");
+    // Behind a proxy that terminates TLS, the cookie is also never sent over plain HTTP.
+    let secure = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"));
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
+        if secure { "; Secure" } else { "" }
+    );
     session_redirect(&next, &cookie)
 }
 

@@ -291,20 +291,30 @@ pub async fn set_price_status(
     Path(action_key): Path<String>,
     form: Form,
 ) -> Response {
-    if let Some(refused) = session.refuse_forgery(form.get("csrf")) {
-        return refused;
-    }
     let uri = format!(
         "/api/admin/billing/action-prices/{}/status",
         views::url_encode(&action_key)
     );
-    let body = json!({ "enabled": form.get("enabled") == Some("true") });
-    match console
-        .call(&session, Method::PATCH, &uri, Some(body))
-        .await
-    {
-        Ok(_) => redirect("/console/prices?done=price_status"),
-        Err(failure) => failure.page(&session),
+    let done = "/console/prices?done=price_status";
+    set_flag(&console, &session, &form, &uri, "enabled", done).await
+}
+
+/// A button that turns one flag on or off (`PATCH {flag: bool}`), then back to the list.
+async fn set_flag(
+    console: &Console,
+    session: &Session,
+    form: &Form,
+    uri: &str,
+    flag: &str,
+    done: &str,
+) -> Response {
+    if let Some(refused) = session.refuse_forgery(form.get("csrf")) {
+        return refused;
+    }
+    let body = json!({ flag: form.get(flag) == Some("true") });
+    match console.call(session, Method::PATCH, uri, Some(body)).await {
+        Ok(_) => redirect(done),
+        Err(failure) => failure.page(session),
     }
 }
 
@@ -556,21 +566,12 @@ pub async fn set_package_visibility(
     Path(id): Path<String>,
     form: Form,
 ) -> Response {
-    if let Some(refused) = session.refuse_forgery(form.get("csrf")) {
-        return refused;
-    }
     let uri = format!(
         "/api/admin/billing/packages/{}/visibility",
         views::url_encode(&id)
     );
-    let body = json!({ "visible": form.get("visible") == Some("true") });
-    match console
-        .call(&session, Method::PATCH, &uri, Some(body))
-        .await
-    {
-        Ok(_) => redirect("/console/packages?done=package_visibility"),
-        Err(failure) => failure.page(&session),
-    }
+    let done = "/console/packages?done=package_visibility";
+    set_flag(&console, &session, &form, &uri, "visible", done).await
 }
 
 pub async fn confirm_delete_package(
@@ -907,8 +908,7 @@ pub async fn consumption(
                 (field("User id", "user_id", "number", Some(&value("user_id")), failure))
                 (field("Action", "action_key", "text", Some(&value("action_key")), failure))
                 (filter_select("Status", "status", &with_any(&["completed", "refunded"]), &value("status")))
-                (field("From (UTC date)", "from", "date", Some(&value("from")), failure))
-                (field("To (UTC date, inclusive)", "to", "date", Some(&value("to")), failure))
+                (views::date_range(&query, failure))
                 button type="submit" { "Filter" }
             }
         }
@@ -1016,8 +1016,7 @@ pub async fn events(
             form.filters method="get" action="/console/events" {
                 (field("Kind", "kind", "text", Some(&value("kind")), failure))
                 (field("User id", "user_id", "number", Some(&value("user_id")), failure))
-                (field("From (UTC date)", "from", "date", Some(&value("from")), failure))
-                (field("To (UTC date, inclusive)", "to", "date", Some(&value("to")), failure))
+                (views::date_range(&query, failure))
                 button type="submit" { "Filter" }
             }
         }

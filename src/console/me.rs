@@ -95,8 +95,7 @@ pub async fn consumption(
         html! {
             form.filters method="get" action="/me/consumption" {
                 (field("Action", "action_key", "text", Some(&value("action_key")), failure))
-                (field("From (UTC date)", "from", "date", Some(&value("from")), failure))
-                (field("To (UTC date, inclusive)", "to", "date", Some(&value("to")), failure))
+                (views::date_range(&query, failure))
                 button type="submit" { "Filter" }
             }
         }

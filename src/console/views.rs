@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
 
+use super::filters::{Query, param};
 use super::{Failure, Session};
 
 /// The stylesheet, embedded in the binary.
@@ -122,7 +123,27 @@ pub fn csrf_field(session: &Session) -> Markup {
     html! { input type="hidden" name="csrf" value=(session.csrf); }
 }
 
-/// A labelled input with the API's message under it when that field was wrong.
+/// A control with its label, and the API's message under it when that field was wrong.
+fn labelled(
+    label: &str,
+    id: &str,
+    name: &str,
+    failure: Option<&Failure>,
+    control: Markup,
+) -> Markup {
+    let error = failure.and_then(|failure| failure.for_field(name));
+    html! {
+        div.field.invalid[error.is_some()] id={ "field-" (id) } {
+            label for=(id) { (label) }
+            (control)
+            @if let Some(error) = error {
+                span.field-error role="alert" { (error) }
+            }
+        }
+    }
+}
+
+/// A labelled input.
 pub fn field(
     label: &str,
     name: &str,
@@ -130,14 +151,22 @@ pub fn field(
     value: Option<&str>,
     failure: Option<&Failure>,
 ) -> Markup {
-    let error = failure.and_then(|failure| failure.for_field(name));
+    let input = html! { input id=(name) name=(name) type=(input_type) value=[value]; };
+    labelled(label, name, name, failure, input)
+}
+
+/// The `from` and `to` dates of a filter form (UTC days, both inclusive).
+pub fn date_range(query: &Query, failure: Option<&Failure>) -> Markup {
     html! {
-        div.field.invalid[error.is_some()] id={ "field-" (name) } {
-            label for=(name) { (label) }
-            input id=(name) name=(name) type=(input_type) value=[value];
-            @if let Some(error) = error {
-                span.field-error role="alert" { (error) }
-            }
+        (field("From (UTC date)", "from", "date", Some(&param(query, "from")), failure))
+        (field("To (UTC date, inclusive)", "to", "date", Some(&param(query, "to")), failure))
+    }
+}
+
+fn options_of(options: &[(String, String)], selected: Option<&str>) -> Markup {
+    html! {
+        @for (value, text) in options {
+            option value=(value) selected[selected == Some(value.as_str())] { (text) }
         }
     }
 }
@@ -150,20 +179,8 @@ pub fn select(
     selected: Option<&str>,
     failure: Option<&Failure>,
 ) -> Markup {
-    let error = failure.and_then(|failure| failure.for_field(name));
-    html! {
-        div.field.invalid[error.is_some()] id={ "field-" (name) } {
-            label for=(name) { (label) }
-            select id=(name) name=(name) {
-                @for (value, text) in options {
-                    option value=(value) selected[selected == Some(value.as_str())] { (text) }
-                }
-            }
-            @if let Some(error) = error {
-                span.field-error role="alert" { (error) }
-            }
-        }
-    }
+    let control = html! { select id=(name) name=(name) { (options_of(options, selected)) } };
+    labelled(label, name, name, failure, control)
 }
 
 /// A select of a filter form: its id is `filter-<name>`, so it never collides with the field
@@ -175,16 +192,8 @@ pub fn filter_select(
     selected: &str,
 ) -> Markup {
     let id = format!("filter-{name}");
-    html! {
-        div.field {
-            label for=(id) { (label) }
-            select id=(id) name=(name) {
-                @for (value, text) in options {
-                    option value=(value) selected[selected == value] { (text) }
-                }
-            }
-        }
-    }
+    let control = html! { select id=(id) name=(name) { (options_of(options, Some(selected))) } };
+    labelled(label, &id, name, None, control)
 }
 
 pub fn checkbox(label: &str, name: &str, checked: bool, failure: Option<&Failure>) -> Markup {

@@ -144,6 +144,7 @@ try {
   await page.goto(`${base}/console/events?user_id=${userId}`);
   expect((await page.textContent("main")).includes("billing_credits_deduct"), "the deduct is in the audit events");
   await page.goto(`${base}/console/reconciliation`);
+  await submit(page, "#run-reconciliation");
   expect((await text(page, "#mismatch-count")) === "0", "reconciliation finds nothing wrong");
   await screenshot(page, "reconciliation");
 

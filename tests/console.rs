@@ -173,6 +173,32 @@ async fn visitors_sign_in_with_a_token_kept_in_a_strict_http_only_cookie(pool: P
             .ends_with("; Secure")
     );
 
+    // Only console pages are destinations, whole path segments, nothing a header cannot carry.
+    for next in ["/metrics", "/console/prices\n", "/mexico", "/console\\evil"] {
+        let signed_in = anonymous
+            .send(
+                "POST",
+                "/console/login",
+                Some(&form(&[("token", &admin), ("next", next)])),
+            )
+            .await;
+        assert_eq!(location(&signed_in), "/console", "next = {next:?}");
+    }
+    // A sign-in another site makes the browser send is refused (login CSRF).
+    let cross_site = Request::post("/console/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header("sec-fetch-site", "cross-site")
+        .body(Body::from(form(&[("token", &admin)])))
+        .unwrap();
+    let response = engine.router.clone().oneshot(cross_site).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert!(!response.headers().contains_key(header::SET_COOKIE));
+    // A form sent after the session ended comes back to the start, not to its POST target.
+    let expired = anonymous
+        .send("POST", "/console/users/5/grants/1/revoke", Some(""))
+        .await;
+    assert_eq!(location(&expired), "/console/login?next=%2Fconsole");
+
     // A user's token goes to their own page, and the console refuses it.
     let user = Browser::signed_in(&engine, &common::user_token(7)).await;
     let console = user.get("/console/prices").await;
@@ -362,12 +388,54 @@ async fn operators_manage_packages_and_grants_through_forms(pool: PgPool) {
     );
     let grant = || async {
         sqlx::query_as::<_, (i64, String, i64)>(
-            "SELECT id, status, remaining_credits FROM user_packages WHERE user_id = 31",
+            "SELECT id, status, remaining_credits FROM user_packages
+             WHERE user_id = 31 AND source = 'purchase'",
         )
         .fetch_one(&pool)
         .await
         .unwrap()
     };
+    // The same form sent twice (a double click, a retry) assigns once.
+    let page = admin.get(user_page).await.text();
+    let csrf = csrf_of(&page);
+    let marker = "name=\"submission\" value=\"";
+    let start = page.find(marker).unwrap() + marker.len();
+    let submission = &page[start..start + page[start..].find('"').unwrap()];
+    let twice = form(&[
+        ("package_id", &package_id),
+        ("source", "gift"),
+        ("submission", submission),
+        ("csrf", &csrf),
+    ]);
+    let first = admin
+        .send("POST", "/console/users/31/grants", Some(&twice))
+        .await;
+    assert_eq!(
+        location(&first),
+        "/console/users?user_id=31&done=grant_assigned"
+    );
+    let second = admin
+        .send("POST", "/console/users/31/grants", Some(&twice))
+        .await;
+    assert_eq!(
+        location(&second),
+        "/console/users?user_id=31&done=grant_exists"
+    );
+    assert!(
+        admin
+            .get(location(&second))
+            .await
+            .text()
+            .contains("Nothing new was assigned")
+    );
+    let gifts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM user_packages WHERE user_id = 31 AND source = 'gift'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(gifts, 1);
+
     let (grant_id, status, _) = grant().await;
     assert_eq!(status, "pending", "the box was left unchecked");
     let activated = admin
@@ -462,10 +530,40 @@ async fn the_report_pages_render_and_export(pool: PgPool) {
     assert_eq!(xlsx.status, StatusCode::OK);
     assert!(xlsx.body.starts_with(b"PK"), "a zip container");
 
-    for page in ["/console/events?user_id=5", "/console/reconciliation"] {
-        let shown = admin.get(page).await;
-        assert_eq!(shown.status, StatusCode::OK, "{page}: {}", shown.text());
-    }
+    // A range longer than the daily chart's limit: no charts, but the records and exports.
+    let long = admin
+        .get("/console/consumption?user_id=5&from=2020-01-01&to=2099-12-31")
+        .await;
+    assert_eq!(long.status, StatusCode::OK);
+    assert!(
+        long.text()
+            .contains("No totals or charts for these filters")
+    );
+    assert!(
+        long.text().contains("advanced_analysis"),
+        "the records are listed"
+    );
+    // A filter the form does not show still says what is wrong with it.
+    let bad_status = admin.get("/console/consumption?status=lost").await;
+    assert_eq!(bad_status.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        bad_status.text().contains("role=\"alert\""),
+        "{}",
+        bad_status.text()
+    );
+
+    // Reconciliation runs from a button (each run writes events), not on every page view.
+    let intro = admin.get("/console/reconciliation").await.text();
+    assert!(intro.contains("Run reconciliation now"));
+    assert!(!intro.contains("mismatch-count"));
+    let ran = admin
+        .submit("/console/reconciliation", "/console/reconciliation", &[])
+        .await;
+    assert_eq!(ran.status, StatusCode::OK);
+    assert!(
+        ran.text()
+            .contains("<strong id=\"mismatch-count\">0</strong>")
+    );
     assert!(
         admin
             .get("/console/events?user_id=5")

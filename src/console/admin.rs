@@ -3,6 +3,9 @@
 //! admin API call and, when it fails, shows the form again with the API's message next to the
 //! field it names.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use axum::extract::{Path, Query, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -33,6 +36,9 @@ fn notice(query: &filters::Query) -> Option<&'static str> {
         "package_visibility" => "The package's visibility was changed.",
         "package_deleted" => "The package was deleted. Grants already given keep working.",
         "grant_assigned" => "The package was assigned.",
+        "grant_exists" => {
+            "Nothing new was assigned: this external reference (or this same form, sent twice) assigned a grant before; it is listed below."
+        }
         "grant_activated" => "The grant was activated.",
         "grant_revoked" => "The grant was revoked; its remaining credits are void.",
         _ => return None,
@@ -235,7 +241,7 @@ async fn price_page(
     };
     let current = |name: &str| match form {
         Some(form) => form.get(name).map(str::to_owned),
-        None => Some(cell(&price[name])).filter(|text| !text.is_empty()),
+        None => views::raw(&price[name]),
     };
     let enabled = form.map_or(price["enabled"].as_bool() == Some(true), |form| {
         form.checked("enabled")
@@ -436,7 +442,7 @@ fn package_form(
     let value = |name: &str| -> Option<String> {
         match (form, package) {
             (Some(form), _) => form.get(name).map(str::to_owned),
-            (None, Some(package)) => Some(cell(&package[name])).filter(|text| !text.is_empty()),
+            (None, Some(package)) => views::raw(&package[name]),
             (None, None) => None,
         }
     };
@@ -464,7 +470,6 @@ fn package_form(
             (checkbox("Assign to new users", "assign_to_new_users", flag("assign_to_new_users", false), failure))
             button type="submit" { (submit) }
         }
-        script src="/console/assets/package_form.js" {}
     }
 }
 
@@ -705,7 +710,8 @@ async fn users_page(
         (form_error(failure.filter(|failure| failure.field.is_none()), &[]))
         table #grants {
             thead { tr { th { "Grant" } th { "Package" } th { "Source" } th { "Status" } th { "Priority" }
-                th { "Total" } th { "Used" } th { "Remaining" } th { "Expired" } th { "Activated" } th { "Expires" } th {} } }
+                th { "Total" } th { "Used" } th { "Remaining" } th { "Expired" } th { "Activated" } th { "Expires" }
+                th { "Note" } th { "External ref" } th {} } }
             tbody {
                 @for grant in items(&grants) {
                     @let id = grant["id"].as_i64().unwrap_or_default();
@@ -723,6 +729,8 @@ async fn users_page(
                         td { (cell(&grant["expired_credits"])) }
                         td { (cell(&grant["activated_at"])) }
                         td { @if grant["expires_at"].is_null() { "never" } @else { (cell(&grant["expires_at"])) } }
+                        td { (cell(&grant["note"])) }
+                        td { (cell(&grant["external_ref"])) }
                         td {
                             @if status == "pending" {
                                 form method="post" action={ "/console/users/" (user) "/grants/" (id) "/activate" } {
@@ -731,7 +739,8 @@ async fn users_page(
                                 }
                             }
                             @if matches!(status, "pending" | "active" | "depleted") {
-                                form method="post" action={ "/console/users/" (user) "/grants/" (id) "/revoke" } {
+                                form method="post" action={ "/console/users/" (user) "/grants/" (id) "/revoke" }
+                                    data-confirm={ "Revoke grant " (id) "? Its remaining credits become void." } {
                                     (csrf_field(session))
                                     input name="reason" placeholder="reason" size="12";
                                     button.danger type="submit" { "Revoke" }
@@ -746,6 +755,9 @@ async fn users_page(
         h2 { "Assign a package" }
         form.card #assign method="post" action={ "/console/users/" (user) "/grants" } {
             (csrf_field(session))
+            // Sent again by a double click or a retry, the same form assigns once: without an
+            // external reference of the operator's, this one is the assignment's.
+            input type="hidden" name="submission" value=(value("submission").map_or_else(submission_id, str::to_owned));
             (form_error(failure.filter(|failure| failure.field.is_some()), &["package_id", "source", "priority", "expires_at", "note", "external_ref", "activate"]))
             (select("Package", "package_id", &package_options, value("package_id"), failure))
             (select("Source", "source", &options(&SOURCES), value("source"), failure))
@@ -764,6 +776,19 @@ async fn users_page(
         session,
         notice(query),
         content,
+    )
+}
+
+/// A new id for one rendering of the assign form (unique per process run and across runs).
+fn submission_id() -> String {
+    static RENDERED: AtomicU64 = AtomicU64::new(0);
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    format!(
+        "{started:x}-{}-{}",
+        std::process::id(),
+        RENDERED.fetch_add(1, Ordering::Relaxed)
     )
 }
 
@@ -792,6 +817,11 @@ pub async fn assign(
         ],
     );
     body["user_id"] = json!(user_id);
+    if form.text("external_ref").is_none()
+        && let Some(submission) = form.text("submission")
+    {
+        body["external_ref"] = json!(format!("console:{submission}"));
+    }
     let sent = match form
         .text("expires_at")
         .map(|text| filters::datetime_local("expires_at", text))
@@ -806,7 +836,7 @@ pub async fn assign(
     let answer = match sent {
         Ok(body) => {
             console
-                .call(
+                .call_with_status(
                     &session,
                     Method::POST,
                     "/api/admin/billing/user-packages",
@@ -817,6 +847,10 @@ pub async fn assign(
         Err(failure) => Err(failure),
     };
     match answer {
+        // 200, not 201: this external reference (or this very form) assigned before.
+        Ok((StatusCode::OK, _)) => redirect(&format!(
+            "/console/users?user_id={user_id}&done=grant_exists"
+        )),
         Ok(_) => redirect(&format!(
             "/console/users?user_id={user_id}&done=grant_assigned"
         )),
@@ -905,6 +939,7 @@ pub async fn consumption(
     let filter_form = |failure: Option<&Failure>| {
         html! {
             form.filters method="get" action="/console/consumption" {
+                (form_error(failure, &["user_id", "action_key", "from", "to"]))
                 (field("User id", "user_id", "number", Some(&value("user_id")), failure))
                 (field("Action", "action_key", "text", Some(&value("action_key")), failure))
                 (filter_select("Status", "status", &with_any(&["completed", "refunded"]), &value("status")))
@@ -950,50 +985,30 @@ pub async fn consumption(
         console.call(&session, Method::GET, &day_uri, None),
         console.call(&session, Method::GET, &action_uri, None),
     );
-    let (list, by_day, by_action) = match (list, by_day, by_action) {
-        (Ok(list), Ok(by_day), Ok(by_action)) => (list, by_day, by_action),
-        (Err(failure), _, _) | (_, Err(failure), _) | (_, _, Err(failure)) => {
-            if failure.field.is_some() {
-                return page_response(
-                    Some(&failure),
-                    "Consumption",
-                    &session,
-                    None,
-                    filter_form(Some(&failure)),
-                );
-            }
-            return failure.page(&session);
+    let list = match list {
+        Ok(list) => list,
+        Err(failure) if failure.field.is_some() => {
+            return page_response(
+                Some(&failure),
+                "Consumption",
+                &session,
+                None,
+                filter_form(Some(&failure)),
+            );
         }
+        Err(failure) => return failure.page(&session),
     };
-    let bars = |answer: &Value, key: &str| -> Vec<(String, i64)> {
-        items(answer)
-            .iter()
-            .map(|group| {
-                (
-                    cell(&group[key]),
-                    group["credits"].as_i64().unwrap_or_default(),
-                )
-            })
-            .collect()
-    };
-    let totals = &by_day["totals"];
     let export_query = views::query_string(&shown);
+    let status_note = !value("status").is_empty();
     let content = html! {
         (filter_form(None))
-        div.totals #totals {
-            div { "Records" strong #total-records { (cell(&totals["records"])) } }
-            div { "Credits charged" strong #total-credits { (cell(&totals["credits"])) } }
-            div { "Refunded" strong { (cell(&totals["refunded_credits"])) } }
-            div { "Net credits" strong { (cell(&totals["net_credits"])) } }
-            div { "Users" strong { (cell(&totals["distinct_users"])) } }
-        }
+        (statistics_view(&by_day, &by_action, status_note))
         p {
-            a #export-csv href={ "/console/consumption/export.csv?" (export_query) } download { "Export CSV" }
+            // No `download` attribute: a refused export (too many rows, busy) shows its page.
+            a #export-csv href={ "/console/consumption/export.csv?" (export_query) } { "Export CSV" }
             " · "
-            a #export-xlsx href={ "/console/consumption/export.xlsx?" (export_query) } download { "Export Excel (.xlsx)" }
+            a #export-xlsx href={ "/console/consumption/export.xlsx?" (export_query) } { "Export Excel (.xlsx)" }
         }
-        (views::bar_chart("Credits per day (UTC)", &bars(&by_day, "day")))
-        (views::bar_chart("Credits per action", &bars(&by_action, "action_key")))
         h2 { "Records" }
         (table(items(&list), &[("id", "Id"), ("created_at", "Time"), ("user_id", "User"), ("action_key", "Action"),
             ("quantity", "Quantity"), ("credits_cost", "Credits"), ("status", "Status"),
@@ -1002,6 +1017,88 @@ pub async fn consumption(
     };
     views::page("Consumption", Some(&session), None, content).into_response()
 }
+
+/// The totals and both charts, or why they are missing: the list and the exports stay usable
+/// when only the statistics fail (for example a daily range over their group limit).
+fn statistics_view(
+    by_day: &Result<Value, Failure>,
+    by_action: &Result<Value, Failure>,
+    status_filtered: bool,
+) -> Markup {
+    let (by_day, by_action) = match (by_day, by_action) {
+        (Ok(by_day), Ok(by_action)) => (by_day, by_action),
+        (Err(failure), _) | (_, Err(failure)) => {
+            return html! {
+                p.error role="alert" { "No totals or charts for these filters: " (failure.message)
+                    ". The records and the exports below are complete." }
+            };
+        }
+    };
+    let totals = &by_day["totals"];
+    let truncated = by_day["truncated"].as_bool() == Some(true)
+        || by_action["truncated"].as_bool() == Some(true);
+    let per_action: Vec<(String, i64)> = items(by_action)
+        .iter()
+        .map(|group| (cell(&group["action_key"]), credits_of(group)))
+        .collect();
+    html! {
+        div.totals #totals {
+            div { "Records" strong #total-records { (cell(&totals["records"])) } }
+            div { "Credits charged" strong #total-credits { (cell(&totals["credits"])) } }
+            div { "Refunded" strong { (cell(&totals["refunded_credits"])) } }
+            div { "Net credits" strong { (cell(&totals["net_credits"])) } }
+            div { "Users" strong { (cell(&totals["distinct_users"])) } }
+        }
+        @if status_filtered {
+            p.notice { "Totals and charts cover every status; the records and the exports below are filtered by status." }
+        }
+        @if truncated {
+            p.error { "More groups matched than a chart shows: narrow the time range to see them all (the totals cover the whole range)." }
+        }
+        (views::bar_chart("Credits per day (UTC)", &daily_bars(items(by_day))))
+        (views::bar_chart("Credits per action", &per_action))
+    }
+}
+
+fn credits_of(group: &Value) -> i64 {
+    group["credits"].as_i64().unwrap_or_default()
+}
+
+/// One bar per day from the first to the last day with records, days without any at zero, so
+/// the bars are a real time axis. At most the statistics' own group limit of days.
+fn daily_bars(groups: &[Value]) -> Vec<(String, i64)> {
+    let days: Vec<(chrono::NaiveDate, i64)> = groups
+        .iter()
+        .filter_map(|group| {
+            let day = group["day"].as_str()?.parse::<chrono::NaiveDate>().ok()?;
+            Some((day, credits_of(group)))
+        })
+        .collect();
+    let (Some(first), Some(last)) = (days.first(), days.last()) else {
+        return Vec::new();
+    };
+    let mut bars = Vec::new();
+    let mut known = days.iter().peekable();
+    let mut day = first.0;
+    while day <= last.0 && bars.len() < DAILY_BARS_MAX {
+        let credits = match known.peek() {
+            Some((known_day, credits)) if *known_day == day => {
+                known.next();
+                *credits
+            }
+            _ => 0,
+        };
+        bars.push((day.format("%Y-%m-%d").to_string(), credits));
+        match day.succ_opt() {
+            Some(next) => day = next,
+            None => break,
+        }
+    }
+    bars
+}
+
+/// Bars of the daily chart at most (the statistics answer at most 1,000 groups).
+const DAILY_BARS_MAX: usize = 1_000;
 
 const EVENT_FILTERS: [&str; 2] = ["kind", "user_id"];
 
@@ -1014,6 +1111,7 @@ pub async fn events(
     let filter_form = |failure: Option<&Failure>| {
         html! {
             form.filters method="get" action="/console/events" {
+                (form_error(failure, &["kind", "user_id", "from", "to"]))
                 (field("Kind", "kind", "text", Some(&value("kind")), failure))
                 (field("User id", "user_id", "number", Some(&value("user_id")), failure))
                 (views::date_range(&query, failure))
@@ -1063,10 +1161,41 @@ pub async fn events(
     views::page("Audit events", Some(&session), None, content).into_response()
 }
 
+/// `GET`: what a run does, and the button that runs it. A run writes an audit event per
+/// mismatch, so it is a form (`POST`), not something a reload repeats.
+pub async fn reconciliation_form(AdminSession(session): AdminSession) -> Response {
+    let content = html! {
+        (reconciliation_intro())
+        (run_reconciliation_button(&session))
+    };
+    views::page("Reconciliation", Some(&session), None, content).into_response()
+}
+
+fn reconciliation_intro() -> Markup {
+    html! {
+        p { "Compares every grant's stored balance with its ledger, and idle wallets in memory with "
+            "the database. It reports; it never fixes. Each mismatch is also written to the audit "
+            "events. The engine also runs it on its own schedule." }
+    }
+}
+
+fn run_reconciliation_button(session: &Session) -> Markup {
+    html! {
+        form.card method="post" action="/console/reconciliation" {
+            (csrf_field(session))
+            button #run-reconciliation type="submit" { "Run reconciliation now" }
+        }
+    }
+}
+
 pub async fn reconciliation(
     State(console): State<Console>,
     AdminSession(session): AdminSession,
+    form: Form,
 ) -> Response {
+    if let Some(refused) = session.refuse_forgery(form.get("csrf")) {
+        return refused;
+    }
     let report = match console
         .read(&session, "/api/admin/billing/reconciliation")
         .await
@@ -1088,8 +1217,7 @@ pub async fn reconciliation(
         }
     }
     let content = html! {
-        p { "Compares every grant's stored balance with its ledger, and idle wallets in memory with "
-            "the database. It reports; it never fixes. Each mismatch is also written to the audit events." }
+        (reconciliation_intro())
         div.totals {
             div { "Grants checked" strong { (cell(&report["checked_grants"])) } }
             div { "Wallets checked" strong { (cell(&report["checked_wallets"])) } }
@@ -1112,6 +1240,34 @@ pub async fn reconciliation(
                 }
             }
         }
+        (run_reconciliation_button(&session))
     };
     views::page("Reconciliation", Some(&session), None, content).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::daily_bars;
+
+    #[test]
+    fn days_without_records_are_zero_bars() {
+        let groups = [
+            json!({"day": "2026-02-27", "credits": 5}),
+            json!({"day": "2026-03-02", "credits": 7}),
+        ];
+        let bars: Vec<(String, i64)> = daily_bars(&groups);
+        let expected = [
+            ("2026-02-27", 5),
+            ("2026-02-28", 0),
+            ("2026-03-01", 0),
+            ("2026-03-02", 7),
+        ];
+        assert_eq!(
+            bars,
+            expected.map(|(day, credits)| (day.to_owned(), credits))
+        );
+        assert!(daily_bars(&[]).is_empty());
+    }
 }

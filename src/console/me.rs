@@ -94,6 +94,7 @@ pub async fn consumption(
     let filter_form = |failure: Option<&Failure>| {
         html! {
             form.filters method="get" action="/me/consumption" {
+                (views::form_error(failure, &["action_key", "from", "to"]))
                 (field("Action", "action_key", "text", Some(&value("action_key")), failure))
                 (views::date_range(&query, failure))
                 button type="submit" { "Filter" }

@@ -101,16 +101,17 @@ pub fn router(api: Router, auth: Arc<Auth>) -> Router {
             get(export::consumption_xlsx),
         )
         .route("/console/events", get(admin::events))
-        .route("/console/reconciliation", get(admin::reconciliation))
+        .route(
+            "/console/reconciliation",
+            get(admin::reconciliation_form).post(admin::reconciliation),
+        )
         .route("/me", get(me::credits))
         .route("/me/packages", get(me::packages))
         .route("/me/consumption", get(me::consumption))
         .route("/console/assets/console.css", get(views::stylesheet))
-        .route(
-            "/console/assets/package_form.js",
-            get(views::package_form_script),
-        )
+        .route("/console/assets/console.js", get(views::script))
         .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::from_fn(refuse_cross_site_posts))
         .with_state(console)
 }
 
@@ -118,6 +119,42 @@ pub fn router(api: Router, auth: Arc<Auth>) -> Router {
 /// the console's buttons), and are not kept in shared caches: they show billing data.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
     img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// A `POST` another site made the browser send is refused before any handler runs: this backs
+/// the forms' CSRF tokens and also covers the sign-in form, which has no session yet (so no
+/// one can sign a victim in as themselves). Browsers say where a request comes from in
+/// `Sec-Fetch-Site`, and older ones in `Origin`.
+async fn refuse_cross_site_posts(request: Request, next: axum::middleware::Next) -> Response {
+    if request.method() == Method::POST && is_cross_site(request.headers()) {
+        return views::message_page(
+            StatusCode::FORBIDDEN,
+            None,
+            "Refused",
+            "This form was sent from another site. Open the console and send it from there.",
+        );
+    }
+    next.run(request).await
+}
+
+fn is_cross_site(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|value| value.to_str().ok());
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok());
+    match (origin, host) {
+        (Some(origin), Some(host)) => {
+            let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+            origin_host != host
+        }
+        // No Origin: not a cross-site form post of a current browser.
+        _ => false,
+    }
+}
 
 async fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
@@ -198,10 +235,12 @@ impl FromRequestParts<Console> for Session {
             } else {
                 "/console/login"
             };
-            let back = parts
-                .uri
-                .path_and_query()
-                .map_or("/console", |path| path.as_str());
+            // Back to the page after signing in; a form's target only takes POSTs, so its
+            // sender returns to the start instead.
+            let back = match parts.uri.path_and_query() {
+                Some(path) if parts.method == Method::GET => path.as_str(),
+                _ => &login[..login.len() - "/login".len()],
+            };
             Redirect::to(&format!("{login}?next={}", views::url_encode(back))).into_response()
         })
     }
@@ -290,7 +329,12 @@ impl Failure {
     /// A whole page for a failure that no form can show (a read that failed).
     fn page(&self, session: &Session) -> Response {
         if self.status == StatusCode::UNAUTHORIZED {
-            return Redirect::to("/console/login").into_response();
+            let login = if session.is_admin() {
+                "/console/login"
+            } else {
+                "/me/login"
+            };
+            return Redirect::to(login).into_response();
         }
         views::message_page(
             self.status,
@@ -310,6 +354,19 @@ impl Console {
         uri: &str,
         body: Option<Value>,
     ) -> Result<Value, Failure> {
+        self.call_with_status(session, method, uri, body)
+            .await
+            .map(|(_, answer)| answer)
+    }
+
+    /// [`Console::call`], with the status of the success (`201` created, `200` already there).
+    async fn call_with_status(
+        &self,
+        session: &Session,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), Failure> {
         let response = self.send(session, method, uri, body).await?;
         let status = response.status();
         let bytes = read_body(response).await?;
@@ -324,7 +381,7 @@ impl Console {
             })?
         };
         if status.is_success() {
-            Ok(answer)
+            Ok((status, answer))
         } else {
             Err(Failure::from_answer(status, &answer))
         }
@@ -444,7 +501,11 @@ async fn login(
     // Behind a proxy that terminates TLS, the cookie is also never sent over plain HTTP.
     let secure = headers
         .get("x-forwarded-proto")
-        .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"));
+        .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"))
+        || headers
+            .get(header::FORWARDED)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.to_ascii_lowercase().contains("proto=https"));
     let cookie = format!(
         "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
         if secure { "; Secure" } else { "" }
@@ -470,20 +531,30 @@ fn session_redirect(to: &str, cookie: &str) -> Response {
     response
 }
 
-/// Where to go after signing in: a path of this site only (never `//host` or a full URL).
+/// Where to go after signing in: a console or `/me` page of this site only (never `//host`, a
+/// full URL, or anything a `Location` header cannot carry as it is).
 fn safe_next(next: Option<&str>, login_path: &str) -> String {
     let default = if login_path.starts_with("/me") {
         "/me"
     } else {
         "/console"
     };
-    next.filter(|next| {
-        (next.starts_with("/console") || next.starts_with("/me"))
-            && !next.contains("//")
-            && !next.contains('\\')
-    })
-    .unwrap_or(default)
-    .to_owned()
+    next.filter(|next| is_console_path(next))
+        .unwrap_or(default)
+        .to_owned()
+}
+
+fn is_console_path(target: &str) -> bool {
+    let within = |root: &str| {
+        target
+            .strip_prefix(root)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+    };
+    (within("/console") || within("/me"))
+        && target.bytes().all(|byte| byte.is_ascii_graphic())
+        && !target.contains("//")
+        && !target.contains('\\')
+        && target.parse::<axum::http::uri::PathAndQuery>().is_ok()
 }
 
 /// A submitted form: its fields by name (a field sent twice keeps its last value).

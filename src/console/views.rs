@@ -12,15 +12,15 @@ use super::{Failure, Session};
 /// The stylesheet, embedded in the binary.
 const STYLESHEET: &str = include_str!("console.css");
 
-/// Shows or hides the package form's fields by package type (the server checks them anyway).
-const PACKAGE_FORM_SCRIPT: &str = include_str!("package_form.js");
+/// The console's only script: the package form's fields by type, and confirmations.
+const SCRIPT: &str = include_str!("console.js");
 
 pub async fn stylesheet() -> Response {
     asset("text/css; charset=utf-8", STYLESHEET)
 }
 
-pub async fn package_form_script() -> Response {
-    asset("text/javascript; charset=utf-8", PACKAGE_FORM_SCRIPT)
+pub async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -49,6 +49,7 @@ pub fn page(
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · credits-engine" }
                 link rel="stylesheet" href="/console/assets/console.css";
+                script src="/console/assets/console.js" defer {}
             }
             body {
                 header {
@@ -230,6 +231,16 @@ pub fn cell(value: &Value) -> String {
         Value::Bool(true) => "yes".to_owned(),
         Value::Bool(false) => "no".to_owned(),
         other => other.to_string(),
+    }
+}
+
+/// A JSON value as an input's value, unformatted (what the API holds, so saving the form
+/// unchanged sends back the same value); `None` for `null`.
+pub fn raw(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(text) => Some(text.clone()),
+        other => Some(other.to_string()),
     }
 }
 

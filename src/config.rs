@@ -80,7 +80,8 @@ pub struct Settings {
     #[arg(long, env = "CREDITS_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<Secret>,
 
-    /// Connections in the PostgreSQL pool.
+    /// Connections in the PostgreSQL pool (reads, wallet loads, catalog writes). Each writer
+    /// lane has one connection of its own besides.
     #[arg(long, env = "CREDITS_DB_POOL_MAX", default_value_t = 16)]
     pub db_pool_max: u32,
 

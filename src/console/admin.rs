@@ -509,14 +509,18 @@ pub async fn package(
     State(console): State<Console>,
     AdminSession(session): AdminSession,
     Path(id): Path<String>,
+    Query(query): Query<filters::Query>,
 ) -> Response {
-    package_page(&console, &session, &id, None, None).await
+    let holders_cursor = param(&query, "cursor");
+    package_page(&console, &session, &id, &holders_cursor, None, None).await
 }
 
+/// A package's edit form, and a page of the grants given of it (`holders_cursor` pages on).
 async fn package_page(
     console: &Console,
     session: &Session,
     id: &str,
+    holders_cursor: &str,
     form: Option<&Form>,
     failure: Option<&Failure>,
 ) -> Response {
@@ -531,7 +535,10 @@ async fn package_page(
     let holders = match console
         .read(
             session,
-            &format!("/api/admin/billing/packages/{id}/users?limit=50"),
+            &format!(
+                "/api/admin/billing/packages/{id}/users?limit=50&{}",
+                views::query_string(&[("cursor", holders_cursor.to_owned())])
+            ),
         )
         .await
     {
@@ -540,9 +547,10 @@ async fn package_page(
     };
     let content = html! {
         (package_form(session, &format!("/console/packages/{id}"), Some(&package), form, failure, "Save"))
-        h2 { "Holders (latest 50)" }
+        h2 { "Holders" }
         (table(items(&holders), &[("user_id", "User"), ("id", "Grant"), ("status", "Status"),
             ("remaining_credits", "Remaining"), ("expires_at", "Expires")]))
+        (views::next_page(&format!("/console/packages/{id}"), &[], &holders))
     };
     let title = format!("Package {}", cell(&package["name"]));
     page_response(failure, &title, session, None, content)
@@ -561,7 +569,9 @@ pub async fn update_package(
     let body = json_body(&form, &PACKAGE_FIELDS);
     match console.call(&session, Method::PUT, &uri, Some(body)).await {
         Ok(_) => redirect("/console/packages?done=package_updated"),
-        Err(failure) => package_page(&console, &session, &id, Some(&form), Some(&failure)).await,
+        Err(failure) => {
+            package_page(&console, &session, &id, "", Some(&form), Some(&failure)).await
+        }
     }
 }
 

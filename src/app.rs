@@ -31,6 +31,8 @@ const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(5);
 pub enum StartupError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("cannot start a writer lane: {0}")]
+    Writer(std::io::Error),
     #[error("cannot start the wallet supervisor: {0}")]
     Supervisor(#[from] ractor::SpawnErr),
     #[error("cannot listen on {addr}: {source}")]
@@ -85,7 +87,8 @@ impl App {
             },
             writer_stop.clone(),
             &tracker,
-        );
+        )
+        .map_err(StartupError::Writer)?;
         let deps = Arc::new(WalletDeps {
             pool: pool.clone(),
             writer: writer.clone(),

@@ -153,6 +153,9 @@ async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(poo
     while let Some(result) = callers.join_next().await {
         result.unwrap();
     }
+    // The dead engine's backends may still finish a batch whose COMMIT they had received
+    // (committed, never acknowledged: allowed). Read the database once they are gone.
+    wait_for_engine_backends_to_end(&pool).await;
     let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
     assert!(
         acknowledged.len() > 100,
@@ -235,4 +238,24 @@ async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(poo
     .execute(&pool)
     .await
     .unwrap();
+}
+
+/// Waits until no connection of an engine (`application_name` credits-engine) is open on this
+/// test's database.
+async fn wait_for_engine_backends_to_end(pool: &PgPool) {
+    for _ in 0..200 {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(credits_engine::store::APPLICATION_NAME)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if open == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the killed engine's database sessions did not end");
 }

@@ -28,11 +28,16 @@ pub async fn connect(database_url: &str, pool_max: u32) -> Result<PgPool, sqlx::
         sqlx::Postgres::create_database(database_url).await?;
     }
     let options = PgConnectOptions::from_str(database_url)?
+        .application_name(APPLICATION_NAME)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
     let pool = pool_options(pool_max).connect_with(options).await?;
     migrate(&pool).await?;
     Ok(pool)
 }
+
+/// The engine's connections' `application_name`, so operators (and tests) can tell them apart
+/// in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "credits-engine";
 
 /// How the engine's pool behaves: at most `pool_max` connections, and a request that cannot get
 /// one within [`ACQUIRE_TIMEOUT`] (the database is down or saturated) fails with `503`.

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use ractor::{ActorId, ActorRef};
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{Connection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -229,15 +230,12 @@ struct Lane {
 
 impl Lane {
     async fn run(mut self) {
-        // Made here, so the connection's socket is driven by this thread's runtime; with the
-        // engine pool's settings, one connection.
-        let pool = self
-            .engine_pool
-            .options()
-            .clone()
-            .max_connections(1)
-            .min_connections(0)
-            .connect_lazy_with((*self.engine_pool.connect_options()).clone());
+        // Made here, so the connection's socket is driven by this thread's runtime.
+        let mut connection = LaneConnection {
+            options: (*self.engine_pool.connect_options()).clone(),
+            connect_timeout: self.engine_pool.options().get_acquire_timeout(),
+            open: None,
+        };
         let mut ids = IdBlock::default();
         let engine_pool_closed = self.engine_pool.close_event();
         tokio::pin!(engine_pool_closed);
@@ -251,7 +249,7 @@ impl Lane {
             };
             let Some(first) = first else { break };
             let batch = fill_batch(first, &mut self.queue, self.batch_max);
-            process(&pool, &mut ids, batch).await;
+            process(&mut connection, &mut ids, batch).await;
         }
         // Whatever raced the stop is still committed, never dropped: after `close`, `recv`
         // still yields what is queued and what a wallet that had reserved room sends, then
@@ -259,12 +257,44 @@ impl Lane {
         self.queue.close();
         while let Some(first) = self.queue.recv().await {
             let batch = fill_batch(first, &mut self.queue, self.batch_max);
-            process(&pool, &mut ids, batch).await;
+            process(&mut connection, &mut ids, batch).await;
         }
-        // Not `pool.close()`: it waits for the connection's goodbye with no time limit, which a
-        // silently dropped network path would make last for minutes.
-        drop(pool);
+        // Closed with the runtime, without waiting for the server's goodbye (which a silently
+        // dropped network path would make last for minutes).
+        drop(connection);
         tracing::info!("writer lane drained and stopped");
+    }
+}
+
+/// A lane's one connection, held rather than pooled (a pool pings a connection when it is
+/// returned and again when it is taken: two more round trips per batch), and made anew after
+/// a batch whose connection failed.
+struct LaneConnection {
+    options: PgConnectOptions,
+    connect_timeout: Duration,
+    open: Option<PgConnection>,
+}
+
+impl LaneConnection {
+    async fn get(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        let connection = match self.open.take() {
+            Some(connection) => connection,
+            None => tokio::time::timeout(
+                self.connect_timeout,
+                PgConnection::connect_with(&self.options),
+            )
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??,
+        };
+        Ok(self.open.insert(connection))
+    }
+
+    /// After a failure that was not the server refusing a statement, the connection may be
+    /// broken or mid-protocol: the next batch makes a new one.
+    fn forget_after(&mut self, error: &CommitError) {
+        if !matches!(error, CommitError::RolledBack(sqlx::Error::Database(_))) {
+            self.open = None;
+        }
     }
 }
 
@@ -294,7 +324,7 @@ enum Applied {
     GrantChanged(Box<UserPackageRow>),
 }
 
-async fn process(pool: &PgPool, ids: &mut IdBlock, batch: Vec<Envelope>) {
+async fn process(connection: &mut LaneConnection, ids: &mut IdBlock, batch: Vec<Envelope>) {
     // Effects computed on memory that a failed batch invalidated are never written.
     let (live, stale): (Vec<_>, Vec<_>) = batch
         .into_iter()
@@ -309,7 +339,14 @@ async fn process(pool: &PgPool, ids: &mut IdBlock, batch: Vec<Envelope>) {
     let mut reports = Reports::default();
     if !live.is_empty() {
         let started = Instant::now();
-        match commit(pool, ids, &live).await {
+        let committed = match connection.get().await {
+            Ok(open) => commit(open, ids, &live).await,
+            Err(error) => Err(CommitError::RolledBack(error)),
+        };
+        if let Err(error) = &committed {
+            connection.forget_after(error);
+        }
+        match committed {
             Ok(applied) => {
                 let effects = live.len();
                 let mut totals = metrics::BatchTotals::default();
@@ -513,12 +550,16 @@ struct IdBlock {
 }
 
 impl IdBlock {
-    async fn take(&mut self, pool: &PgPool, count: usize) -> Result<Vec<i64>, sqlx::Error> {
+    async fn take(
+        &mut self,
+        connection: &mut PgConnection,
+        count: usize,
+    ) -> Result<Vec<i64>, sqlx::Error> {
         let mut ids = Vec::with_capacity(count);
         while ids.len() < count {
             if self.next == self.end {
                 let block: i64 = sqlx::query_scalar("SELECT nextval('consumption_id_blocks')")
-                    .fetch_one(pool)
+                    .fetch_one(&mut *connection)
                     .await?;
                 self.next = block * CONSUMPTION_ID_BLOCK;
                 self.end = self.next + CONSUMPTION_ID_BLOCK;
@@ -550,7 +591,7 @@ struct DeductColumns {
 /// Commits the batch in one transaction and says, per effect, what was applied. Any error rolls
 /// the whole batch back.
 async fn commit(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     ids: &mut IdBlock,
     batch: &[Envelope],
 ) -> Result<Vec<Applied>, CommitError> {
@@ -568,9 +609,9 @@ async fn commit(
             _ => None,
         })
         .collect();
-    let consumption_ids = ids.take(pool, deducts.len()).await?;
+    let consumption_ids = ids.take(connection, deducts.len()).await?;
 
-    let mut tx = pool.begin().await?;
+    let mut tx = connection.begin().await?;
     let mut grant_deltas: BTreeMap<(i64, i64), i64> = BTreeMap::new();
     let mut events = Events::default();
 

@@ -3,7 +3,7 @@
 //! test checks what the operator downloaded and what the database holds.
 //!
 //! Needs `node`, `/usr/bin/chromium` (Debian's `chromium` package) and `e2e/node_modules`
-//! (`npm ci --prefix e2e`); `scripts/test.sh` installs them. A missing one fails the test:
+//! (`npm ci --prefix e2e`); `scripts/test-deps.sh` installs them. A missing one fails the test:
 //! a browser test that skips itself on a machine without a browser would prove nothing.
 //! Screenshots and downloads are kept in `target/e2e/console/`.
 
@@ -47,12 +47,12 @@ async fn an_operator_and_a_user_use_the_console_in_a_browser(pool: PgPool) {
     let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e");
     assert!(
         e2e.join("node_modules/playwright-core").is_dir(),
-        "e2e/node_modules is missing: run `npm ci --prefix e2e` (scripts/test.sh does)"
+        "e2e/node_modules is missing: run `npm ci --prefix e2e` (scripts/test-deps.sh does)"
     );
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
     assert!(
         Path::new(&chromium).exists(),
-        "{chromium} is missing: install Debian's chromium package (scripts/test.sh does)"
+        "{chromium} is missing: install Debian's chromium package (scripts/test-deps.sh does)"
     );
 
     let app = App::build_with(

@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# The README's test command. On a fresh Debian machine it first installs what the tests use
-# besides Rust and PostgreSQL, then runs every test of the workspace, each on a fresh
-# database of the PostgreSQL server that DATABASE_URL names (default: 127.0.0.1:5432).
+# The first half of the README's test command: on a fresh Debian machine it installs what the
+# tests use besides Rust and PostgreSQL (each is skipped when already there). The second half
+# runs every test of the workspace: `cargo nextest run --workspace`.
 #
 #   promtool   Debian's prometheus package: tests/dashboards.rs checks the alert rules with it
 #   chromium   Debian's chromium: tests/console_browser.rs drives the console in it
 #   e2e/node_modules   playwright-core from npm (e2e/package-lock.json), which drives chromium
-#
-# Arguments are passed to `cargo nextest run` (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +24,3 @@ if [ "${#packages[@]}" -gt 0 ]; then
 fi
 [ -d e2e/node_modules/playwright-core ] || npm ci --prefix e2e --no-audit --no-fund
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
-
-export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-exec cargo nextest run --workspace "$@"

@@ -87,9 +87,12 @@ pub async fn consumption_xlsx(
             );
         }
     };
-    let built = tokio::task::spawn_blocking(move || workbook(&bytes, XLSX_ROWS_MAX)).await;
+    let built = match tokio::task::spawn_blocking(move || workbook(&bytes, XLSX_ROWS_MAX)).await {
+        Ok(built) => built.map_err(|error| error.to_string()),
+        Err(task) => Err(format!("the workbook task failed: {task}")),
+    };
     match built {
-        Ok(Ok(Some(file))) => (
+        Ok(Some(file)) => (
             [
                 (
                     header::CONTENT_TYPE,
@@ -103,7 +106,7 @@ pub async fn consumption_xlsx(
             Body::from(file),
         )
             .into_response(),
-        Ok(Ok(None)) => views::message_page(
+        Ok(None) => views::message_page(
             StatusCode::PAYLOAD_TOO_LARGE,
             Some(&session),
             "Report too large for Excel",
@@ -111,17 +114,8 @@ pub async fn consumption_xlsx(
                 "More than {XLSX_ROWS_MAX} records match. Narrow the filters, or use the CSV export."
             ),
         ),
-        Ok(Err(error)) => {
-            tracing::error!(%error, "the consumption workbook could not be built");
-            views::message_page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Some(&session),
-                "Export failed",
-                "The workbook could not be built; the CSV export has the same rows.",
-            )
-        }
         Err(error) => {
-            tracing::error!(%error, "the consumption workbook task failed");
+            tracing::error!(%error, "the consumption workbook could not be built");
             views::message_page(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Some(&session),

@@ -481,9 +481,8 @@ async fn login(
     } else {
         console
             .auth
-            .verify_jwt(token)
+            .verify_claims(token)
             .map_err(|error| error.message)
-            .and_then(|principal| console.auth.expiry(token).map(|exp| (principal, exp)))
     };
     let (principal, expires_at) = match verified {
         Ok(verified) => verified,

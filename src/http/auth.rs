@@ -64,15 +64,9 @@ impl Auth {
         self.verify_claims(token).map(|(principal, _)| principal)
     }
 
-    /// When a token that [`Auth::verify_jwt`] accepts expires (its `exp`, Unix seconds): the
+    /// [`Auth::verify_jwt`], with when the token expires (its `exp`, Unix seconds): the
     /// console's session cookie ends with it.
-    pub(crate) fn expiry(&self, token: &str) -> Result<i64, String> {
-        self.verify_claims(token)
-            .map(|(_, exp)| exp)
-            .map_err(|error| error.message)
-    }
-
-    fn verify_claims(&self, token: &str) -> Result<(Principal, i64), ApiError> {
+    pub(crate) fn verify_claims(&self, token: &str) -> Result<(Principal, i64), ApiError> {
         let key = self
             .jwt_key
             .as_ref()

@@ -230,16 +230,16 @@ impl FromRequestParts<Console> for Session {
 
     async fn from_request_parts(parts: &mut Parts, console: &Console) -> Result<Session, Response> {
         Session::from_headers(console, &parts.headers).ok_or_else(|| {
-            let login = if parts.uri.path().starts_with("/me") {
-                "/me/login"
+            let (login, start) = if parts.uri.path().starts_with("/me") {
+                ("/me/login", "/me")
             } else {
-                "/console/login"
+                ("/console/login", "/console")
             };
             // Back to the page after signing in; a form's target only takes POSTs, so its
             // sender returns to the start instead.
             let back = match parts.uri.path_and_query() {
                 Some(path) if parts.method == Method::GET => path.as_str(),
-                _ => &login[..login.len() - "/login".len()],
+                _ => start,
             };
             Redirect::to(&format!("{login}?next={}", views::url_encode(back))).into_response()
         })

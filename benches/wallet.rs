@@ -68,9 +68,11 @@ async fn wallet() -> (ActorRef<WalletMsg>, Arc<WalletLife>) {
     });
     let deps = Arc::new(WalletDeps {
         // Never connected: the preloaded wallet does not read the database on these paths.
-        pool: sqlx::postgres::PgPoolOptions::new()
-            .connect_lazy("postgres://127.0.0.1:1/unused")
-            .unwrap(),
+        db: credits_engine::store::postgres::PgStore::db(
+            sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://127.0.0.1:1/unused")
+                .unwrap(),
+        ),
         writer,
         clock: Arc::new(SystemClock),
         limits: WalletLimits {

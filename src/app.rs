@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::serve::ListenerExt;
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,7 +19,7 @@ use crate::config::Settings;
 use crate::http::{self, AppState, auth::Auth};
 use crate::metrics;
 use crate::registry::{Registry, RegistryLimits};
-use crate::store::{self, writer};
+use crate::store::{self, Db, writer};
 use crate::supervisor::{self, Reconciler};
 use crate::wallet::{WalletDeps, WalletLimits};
 
@@ -59,38 +58,38 @@ pub struct App {
 impl App {
     /// Connects to the database (creating it and applying migrations) and builds the engine.
     pub async fn build(settings: Settings) -> Result<App, StartupError> {
-        let pool = store::connect(settings.database_url.expose(), settings.db_pool_max).await?;
-        App::build_with(pool, settings, Arc::new(SystemClock)).await
+        let db = store::connect(settings.database_url.expose(), settings.db_pool_max).await?;
+        App::build_with(db, settings, Arc::new(SystemClock)).await
     }
 
-    /// Builds the engine on an existing pool and clock (tests inject a manual clock).
+    /// Builds the engine on a connected, migrated store and a clock (tests inject a manual
+    /// clock).
     pub async fn build_with(
-        pool: PgPool,
+        db: Db,
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<App, StartupError> {
-        store::migrate(&pool).await?;
         let prometheus = metrics::install();
         metrics::limits(
             settings.wallets_max,
             settings.writer_queue_max * settings.writer_lanes.max(1),
         );
-        let catalog = Arc::new(Catalog::load(&pool).await?);
+        let catalog = Arc::new(Catalog::load(&*db).await?);
         let tracker = TaskTracker::new();
         let writer_stop = CancellationToken::new();
-        let writer = writer::spawn_lanes(
-            pool.clone(),
-            writer::WriterLimits {
-                lanes: settings.writer_lanes,
-                queue_max: settings.writer_queue_max,
-                batch_max: settings.writer_batch_max,
-            },
-            writer_stop.clone(),
-            &tracker,
-        )
-        .map_err(StartupError::Writer)?;
+        let writer = db
+            .spawn_writer(
+                writer::WriterLimits {
+                    lanes: settings.writer_lanes,
+                    queue_max: settings.writer_queue_max,
+                    batch_max: settings.writer_batch_max,
+                },
+                writer_stop.clone(),
+                &tracker,
+            )
+            .map_err(StartupError::Writer)?;
         let deps = Arc::new(WalletDeps {
-            pool: pool.clone(),
+            db: db.clone(),
             writer: writer.clone(),
             clock: clock.clone(),
             limits: WalletLimits {
@@ -107,11 +106,7 @@ impl App {
             },
         )
         .await?;
-        let reconciler = Arc::new(Reconciler::new(
-            pool.clone(),
-            registry.clone(),
-            clock.clone(),
-        ));
+        let reconciler = Arc::new(Reconciler::new(db.clone(), registry.clone(), clock.clone()));
         let supervisor_stop = CancellationToken::new();
         supervisor::spawn_reconciliation(
             reconciler.clone(),
@@ -120,7 +115,7 @@ impl App {
             &tracker,
         );
         let expirer = Arc::new(supervisor::Expirer::new(
-            pool.clone(),
+            db.clone(),
             registry.clone(),
             clock.clone(),
         ));
@@ -131,7 +126,7 @@ impl App {
             &tracker,
         );
         supervisor::spawn_health_probe(
-            pool.clone(),
+            db.clone(),
             registry.clone(),
             writer,
             prometheus.clone(),
@@ -145,7 +140,7 @@ impl App {
             registry,
             reconciler,
             catalog,
-            pool,
+            db,
             auth: Arc::new(Auth::new(
                 &settings.service_tokens,
                 settings.jwt_secret.as_ref(),

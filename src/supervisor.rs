@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,7 +31,8 @@ use crate::clock::Clock;
 use crate::domain::{Balance, Credits, Grant, GrantStatus, UserId, UserPackageId};
 use crate::metrics;
 use crate::registry::Registry;
-use crate::store::reconcile::{self, LedgerMismatch, OrphanAllocation};
+use crate::store::Db;
+use crate::store::reconcile::{LedgerMismatch, OrphanAllocation};
 use crate::wallet::{WalletMsg, WalletSnapshot};
 
 /// Mismatches one run reports and writes as events (ledger and wallet together); beyond it the
@@ -137,7 +137,7 @@ pub struct ReconciliationReport {
 
 /// Runs reconciliation; shared by the job and the admin endpoint.
 pub struct Reconciler {
-    pool: PgPool,
+    db: Db,
     registry: Arc<Registry>,
     clock: Arc<dyn Clock>,
     /// Where the next run starts among live wallets, so bounded runs rotate through all.
@@ -145,9 +145,9 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(pool: PgPool, registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Reconciler {
+    pub fn new(db: Db, registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Reconciler {
         Reconciler {
-            pool,
+            db,
             registry,
             clock,
             wallet_cursor: AtomicUsize::new(0),
@@ -159,9 +159,8 @@ impl Reconciler {
     #[tracing::instrument(skip(self))]
     pub async fn run(&self) -> Result<ReconciliationReport, sqlx::Error> {
         let checked_at = self.clock.now();
-        let ledger = reconcile::ledger_mismatches(&self.pool, MISMATCHES_MAX).await?;
-        let (orphans, orphans_truncated) =
-            reconcile::orphan_allocations(&self.pool, MISMATCHES_MAX).await?;
+        let ledger = self.db.ledger_mismatches(MISMATCHES_MAX).await?;
+        let (orphans, orphans_truncated) = self.db.orphan_allocations(MISMATCHES_MAX).await?;
         let wallets = self.check_wallets().await;
 
         let mut truncated = ledger.truncated || orphans_truncated;
@@ -198,7 +197,7 @@ impl Reconciler {
                 (mismatch.user_id(), payload)
             })
             .collect();
-        reconcile::insert_mismatch_events(&self.pool, &events, checked_at).await?;
+        self.db.insert_mismatch_events(&events, checked_at).await?;
         metrics::reconciliation_finished(mismatches.len());
 
         Ok(ReconciliationReport {
@@ -319,15 +318,15 @@ const EXPIRY_QUERIES_PER_TICK_MAX: usize = 100;
 
 /// Marks due grants expired through their wallets.
 pub struct Expirer {
-    pool: PgPool,
+    db: Db,
     registry: Arc<Registry>,
     clock: Arc<dyn Clock>,
 }
 
 impl Expirer {
-    pub fn new(pool: PgPool, registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Expirer {
+    pub fn new(db: Db, registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Expirer {
         Expirer {
-            pool,
+            db,
             registry,
             clock,
         }
@@ -339,7 +338,7 @@ impl Expirer {
         let mut expired = 0;
         for _ in 0..EXPIRY_QUERIES_PER_TICK_MAX {
             let now = self.clock.now();
-            let due = crate::store::due_expiries(&self.pool, now, EXPIRIES_PER_QUERY_MAX).await?;
+            let due = self.db.due_expiries(now, EXPIRIES_PER_QUERY_MAX).await?;
             let full = due.len() as i64 == EXPIRIES_PER_QUERY_MAX;
             let mut progressed = false;
             for (user_id, grant_id) in due {
@@ -394,18 +393,14 @@ pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Asks the database for `SELECT 1` within [`HEALTH_PROBE_TIMEOUT`], and records the answer
 /// with the pool's connection counts in the metrics. Shared by `/readyz` and the probe job.
-pub async fn probe_database(pool: &PgPool) -> bool {
-    let probe = sqlx::query("SELECT 1").execute(pool);
+pub async fn probe_database(db: &Db) -> bool {
+    let probe = db.ping();
     let ready = matches!(
         tokio::time::timeout(HEALTH_PROBE_TIMEOUT, probe).await,
-        Ok(Ok(_))
+        Ok(Ok(()))
     );
-    metrics::database(
-        ready,
-        pool.size(),
-        pool.num_idle(),
-        pool.options().get_max_connections(),
-    );
+    let usage = db.pool_usage();
+    metrics::database(ready, usage.size, usage.idle, usage.max);
     ready
 }
 
@@ -414,7 +409,7 @@ pub async fn probe_database(pool: &PgPool) -> bool {
 /// sampled here rather than by the lanes, which would only see them right after taking a batch
 /// and not at all while a commit hangs.)
 pub fn spawn_health_probe(
-    pool: PgPool,
+    db: Db,
     registry: Arc<Registry>,
     writer: crate::store::writer::WriterHandle,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
@@ -432,9 +427,9 @@ pub fn spawn_health_probe(
             for (lane, depth) in writer.queued_by_lane().enumerate() {
                 metrics::writer_queue_depth(lane, depth);
             }
-            let (pool, registry, prometheus) = (pool.clone(), registry.clone(), prometheus.clone());
+            let (db, registry, prometheus) = (db.clone(), registry.clone(), prometheus.clone());
             async move {
-                if !probe_database(&pool).await {
+                if !probe_database(&db).await {
                     tracing::warn!("the database does not answer the health probe");
                 }
                 registry.sweep_passivated();

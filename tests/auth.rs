@@ -345,7 +345,7 @@ async fn without_configured_secrets_the_surfaces_refuse_everyone(pool: PgPool) {
     settings.service_tokens = Vec::new();
     settings.jwt_secret = None;
     let app = credits_engine::app::App::build_with(
-        pool,
+        credits_engine::store::postgres::PgStore::db(pool),
         settings,
         std::sync::Arc::new(credits_engine::clock::ManualClock::new(start_time())),
     )

@@ -739,13 +739,17 @@ async fn a_revoke_racing_a_replayed_deduct_voids_what_the_database_holds(pool: P
     let mut settings = settings("postgres://unused");
     settings.idempotency_cache_max = 1;
     let clock = std::sync::Arc::new(credits_engine::clock::ManualClock::new(start_time()));
-    let app = credits_engine::app::App::build_with(pool.clone(), settings, clock.clone())
-        .await
-        .unwrap();
+    let app = credits_engine::app::App::build_with(
+        credits_engine::store::postgres::PgStore::db(pool.clone()),
+        settings,
+        clock.clone(),
+    )
+    .await
+    .unwrap();
     let engine = TestEngine {
         router: app.router(),
         app,
-        pool: pool.clone(),
+        db: credits_engine::store::postgres::PgStore::db(pool.clone()),
         clock,
     };
     let grant = engine.grant(11, credits, json!({})).await;

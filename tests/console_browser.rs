@@ -56,7 +56,7 @@ async fn an_operator_and_a_user_use_the_console_in_a_browser(pool: PgPool) {
     );
 
     let app = App::build_with(
-        pool.clone(),
+        credits_engine::store::postgres::PgStore::db(pool.clone()),
         common::settings("postgres://unused"),
         Arc::new(SystemClock),
     )

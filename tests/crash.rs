@@ -1,30 +1,20 @@
-//! Crash safety: the real binary, killed with SIGKILL mid-load, then started again.
+//! Crash safety: the real binary, killed with SIGKILL mid-load, then started again, on both
+//! backends.
+
+#[macro_use]
+mod common;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::TestDb;
 use serde_json::{Value, json};
-use sqlx::PgPool;
 
 const SERVICE_TOKEN: &str = "crash-test-token";
 const USERS: i64 = 40;
 const CREDITS_EACH: i64 = 1_000_000;
-
-/// The URL of the test's own database, on the server DATABASE_URL names.
-fn database_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for the tests");
-    let database = pool
-        .connect_options()
-        .get_database()
-        .expect("the test pool names its database")
-        .to_owned();
-    let (server, _) = base
-        .rsplit_once('/')
-        .expect("DATABASE_URL has a database path");
-    format!("{server}/{database}")
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -93,28 +83,31 @@ async fn deduct(client: &reqwest::Client, port: u16, body: &Value) -> Option<(u1
     Some((status, response.json().await.ok()?))
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(pool: PgPool) {
+backend_tests! {
+async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(db: TestDb) {
     let package: i64 = sqlx::query_scalar(
         "INSERT INTO packages (name, package_type, credits_amount) VALUES ('big', 'credits', $1) RETURNING id",
     )
     .bind(CREDITS_EACH)
-    .fetch_one(&pool)
+    .fetch_one(&db.sql)
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
+        "WITH RECURSIVE users (u) AS (SELECT 1 UNION ALL SELECT u + 1 FROM users WHERE u < $3)
+         INSERT INTO user_packages (user_id, id, package_id, source, status, priority, unlimited,
              total_credits, remaining_credits, activated_at)
-         SELECT u, $1, 'gift', 'active', 100, false, $2, $2, now() FROM generate_series(1, $3) u",
+         SELECT u, 1000000 + u, $1, 'gift', 'active', 100, false, $2, $2,
+                '2026-01-01T00:00:00+00:00'
+         FROM users",
     )
     .bind(package)
     .bind(CREDITS_EACH)
     .bind(USERS)
-    .execute(&pool)
+    .execute(&db.sql)
     .await
     .unwrap();
 
-    let url = database_url(&pool);
+    let url = db.url.clone();
     let port = free_port();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -155,7 +148,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(poo
     }
     // The dead engine's backends may still finish a batch whose COMMIT they had received
     // (committed, never acknowledged: allowed). Read the database once they are gone.
-    wait_for_engine_backends_to_end(&pool).await;
+    wait_for_engine_backends_to_end(&db).await;
     let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
     assert!(
         acknowledged.len() > 100,
@@ -167,7 +160,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(poo
     let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
         "SELECT idempotency_key, id, user_id, credits_cost FROM consumption_records",
     )
-    .fetch_all(&pool)
+    .fetch_all(&db.sql)
     .await
     .unwrap();
     let stored: HashMap<String, (i64, i64, i64)> = rows
@@ -187,14 +180,14 @@ async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(poo
     // Balances equal the ledger.
     let off: Vec<(i64, i64, i64)> = sqlx::query_as(
         "SELECT g.user_id, g.remaining_credits,
-                (SELECT COALESCE(SUM(c.credits_cost), 0)::bigint FROM consumption_records c
+                (SELECT CAST(COALESCE(SUM(c.credits_cost), 0) AS BIGINT) FROM consumption_records c
                  WHERE c.user_id = g.user_id)
          FROM user_packages g
          WHERE g.remaining_credits + g.used_credits <> g.total_credits
             OR g.used_credits <> (SELECT COALESCE(SUM(c.credits_cost), 0) FROM consumption_records c
                                   WHERE c.user_id = g.user_id)",
     )
-    .fetch_all(&pool)
+    .fetch_all(&db.sql)
     .await
     .unwrap();
     assert!(off.is_empty(), "balances disagree with the ledger: {off:?}");
@@ -211,7 +204,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(poo
         assert_eq!(replay["remaining_credits"], answer["remaining_credits"]);
     }
     let records_after: i64 = sqlx::query_scalar("SELECT count(*) FROM consumption_records")
-        .fetch_one(&pool)
+        .fetch_one(&db.sql)
         .await
         .unwrap();
     assert_eq!(
@@ -231,24 +224,28 @@ async fn kill_9_mid_load_loses_no_acknowledged_deduct_and_applies_none_twice(poo
 
     // Backends of the killed engine linger until PostgreSQL notices their dead sockets; end them
     // so the test harness can drop this test's database.
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    if let Some(pool) = &db.pg {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
 }
 
 /// Waits until no connection of an engine (`application_name` credits-engine) is open on this
-/// test's database.
-async fn wait_for_engine_backends_to_end(pool: &PgPool) {
+/// test's PostgreSQL database. (A killed process's SQLite connections die with it.)
+async fn wait_for_engine_backends_to_end(db: &TestDb) {
+    let Some(pool) = &db.pg else { return };
     for _ in 0..200 {
         let open: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database() AND application_name = $1",
         )
-        .bind(credits_engine::store::APPLICATION_NAME)
+        .bind(credits_engine::store::postgres::APPLICATION_NAME)
         .fetch_one(pool)
         .await
         .unwrap();

@@ -1,6 +1,7 @@
 //! The deduct path against a real PostgreSQL: concurrency, burn-down, idempotency, failed
 //! batches.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -10,13 +11,12 @@ use axum::http::StatusCode;
 use chrono::Duration;
 use common::*;
 use serde_json::json;
-use sqlx::PgPool;
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn concurrent_deducts_for_one_user_never_overdraw(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(50), None).await;
-    let hybrid = create_package(&pool, "hybrid", Some(50), Some(30)).await;
-    let engine = Arc::new(engine(pool.clone()).await);
+backend_tests! {
+async fn concurrent_deducts_for_one_user_never_overdraw(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(50), None).await;
+    let hybrid = create_package(&db, "hybrid", Some(50), Some(30)).await;
+    let engine = Arc::new(engine_on(&db).await);
     let now = start_time();
     // Burn order: the priority-10 grant first, then the one expiring sooner, then the later one.
     let later = engine
@@ -59,7 +59,7 @@ async fn concurrent_deducts_for_one_user_never_overdraw(pool: PgPool) {
         "SELECT a.user_package_id FROM consumption_allocations a WHERE a.user_id = 7
          ORDER BY a.consumption_id",
     )
-    .fetch_all(&pool)
+    .fetch_all(&db.sql)
     .await
     .unwrap();
     let expected: Vec<i64> = [first, sooner, later]
@@ -69,42 +69,46 @@ async fn concurrent_deducts_for_one_user_never_overdraw(pool: PgPool) {
     assert_eq!(order, expected);
     let statuses: Vec<String> =
         sqlx::query_scalar("SELECT status FROM user_packages WHERE user_id = 7")
-            .fetch_all(&pool)
+            .fetch_all(&db.sql)
             .await
             .unwrap();
     assert!(
         statuses.iter().all(|status| status == "depleted"),
         "{statuses:?}"
     );
-    assert_eq!(remaining_of(&pool, 7).await, 0);
+    assert_eq!(remaining_of(&db, 7).await, 0);
     assert_eq!(
         count(
-            &pool,
+            &db,
             "SELECT count(*) FROM billing_events WHERE kind = 'billing_credits_deduct'"
         )
         .await,
         150
     );
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
     Arc::into_inner(engine).unwrap().stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn concurrent_deducts_across_a_thousand_users_match_the_database(pool: PgPool) {
+backend_tests! {
+async fn concurrent_deducts_across_a_thousand_users_match_the_database(db: TestDb) {
     const USERS: i64 = 1_000;
-    let package = create_package(&pool, "credits", Some(10), None).await;
+    let package = create_package(&db, "credits", Some(10), None).await;
     // Grants straight in the database: wallets load them on each user's first request.
     sqlx::query(
-        "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
+        "WITH RECURSIVE users (u) AS (SELECT 1 UNION ALL SELECT u + 1 FROM users WHERE u < $2)
+         INSERT INTO user_packages (user_id, id, package_id, source, status, priority, unlimited,
              total_credits, remaining_credits, activated_at)
-         SELECT u, $1, 'gift', 'active', 100, false, 10, 10, now() FROM generate_series(1, $2) u",
+         SELECT u, 1000000 + u, $1, 'gift', 'active', 100, false, 10, 10,
+                '2026-01-01T00:00:00+00:00'
+         FROM users",
     )
     .bind(package)
     .bind(USERS)
-    .execute(&pool)
+    .execute(&db.sql)
     .await
     .unwrap();
-    let engine = Arc::new(engine(pool.clone()).await);
+    let engine = Arc::new(engine_on(&db).await);
 
     // User u asks for u % 13 deductions of 1 credit: some run out (10 credits), some do not.
     let limit = Arc::new(tokio::sync::Semaphore::new(64));
@@ -133,11 +137,11 @@ async fn concurrent_deducts_across_a_thousand_users_match_the_database(pool: PgP
     }
     let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
         "SELECT g.user_id, g.remaining_credits,
-                (SELECT COALESCE(SUM(a.credits), 0)::bigint FROM consumption_allocations a
+                (SELECT CAST(COALESCE(SUM(a.credits), 0) AS BIGINT) FROM consumption_allocations a
                  WHERE a.user_id = g.user_id)
          FROM user_packages g ORDER BY g.user_id",
     )
-    .fetch_all(&pool)
+    .fetch_all(&db.sql)
     .await
     .unwrap();
     assert_eq!(rows.len() as i64, USERS);
@@ -147,14 +151,15 @@ async fn concurrent_deducts_across_a_thousand_users_match_the_database(pool: PgP
         assert_eq!(remaining, 10 - acked, "user {user}");
         assert_eq!(allocated, acked, "user {user}");
     }
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
     Arc::into_inner(engine).unwrap().stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(pool: PgPool) {
-    let package = create_package(&pool, "credits", Some(100), None).await;
-    let engine = Arc::new(engine(pool.clone()).await);
+backend_tests! {
+async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(db: TestDb) {
+    let package = create_package(&db, "credits", Some(100), None).await;
+    let engine = Arc::new(engine_on(&db).await);
     engine.grant(5, package, json!({})).await;
     let request = json!({
         "user_id": 5, "action_key": "advanced_analysis", "quantity": 2,
@@ -183,9 +188,9 @@ async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(pool: PgPool
         assert_eq!(answer["remaining_credits"], 94);
         assert_eq!(answer["allocations"], original["allocations"]);
     }
-    assert_eq!(remaining_of(&pool, 5).await, 94);
+    assert_eq!(remaining_of(&db, 5).await, 94);
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM consumption_records").await,
+        count(&db, "SELECT count(*) FROM consumption_records").await,
         1
     );
 
@@ -212,13 +217,13 @@ async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(pool: PgPool
 
     // After a restart the key is answered from the database: by the optimistic insert while
     // the user can pay, and by a look-up when the balance could not pay any more.
-    let engine = engine_restarted(pool.clone()).await;
+    let engine = engine_on(&db).await;
     let (status, body) = engine.deduct(request.clone()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["replayed"], true);
     assert_eq!(body["consumption_id"], original["consumption_id"]);
     assert_eq!(body["remaining_credits"], 94);
-    assert_eq!(remaining_of(&pool, 5).await, 94);
+    assert_eq!(remaining_of(&db, 5).await, 94);
     let (status, _) = engine
         .deduct(json!({"user_id": 5, "action_key": "advanced_analysis", "quantity": 2, "idempotency_key": "job-42"}))
         .await;
@@ -230,11 +235,11 @@ async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(pool: PgPool
     assert_eq!(check["remaining_credits"], 94);
     engine.stop().await;
 
-    let engine = engine_restarted(pool.clone()).await;
+    let engine = engine_on(&db).await;
     sqlx::query(
         "UPDATE user_packages SET remaining_credits = 0, expired_credits = 94 WHERE user_id = 5",
     )
-    .execute(&pool)
+    .execute(&db.sql)
     .await
     .unwrap();
     let (status, body) = engine.deduct(request).await;
@@ -242,7 +247,7 @@ async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(pool: PgPool
     assert_eq!(body["replayed"], true);
     assert_eq!(
         count(
-            &pool,
+            &db,
             "SELECT count(*) FROM consumption_records WHERE user_id = 5"
         )
         .await,
@@ -250,15 +255,12 @@ async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(pool: PgPool
     );
     engine.stop().await;
 }
-
-async fn engine_restarted(pool: PgPool) -> TestEngine {
-    engine(pool).await
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_failed_batch_acknowledges_nothing_and_the_wallet_reloads(pool: PgPool) {
-    let package = create_package(&pool, "credits", Some(10), None).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn a_failed_batch_acknowledges_nothing_and_the_wallet_reloads(db: TestDb) {
+    let package = create_package(&db, "credits", Some(10), None).await;
+    let engine = engine_on(&db).await;
     engine.grant(3, package, json!({})).await;
     let (status, _) = engine
         .deduct(json!({"user_id": 3, "action_key": "ai_chat"}))
@@ -269,7 +271,7 @@ async fn a_failed_batch_acknowledges_nothing_and_the_wallet_reloads(pool: PgPool
     sqlx::query(
         "UPDATE user_packages SET remaining_credits = 0, expired_credits = 9 WHERE user_id = 3",
     )
-    .execute(&pool)
+    .execute(&db.sql)
     .await
     .unwrap();
     let (status, body) = engine
@@ -285,18 +287,19 @@ async fn a_failed_batch_acknowledges_nothing_and_the_wallet_reloads(pool: PgPool
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
     assert_eq!(body["error"]["remaining_credits"], 0);
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM consumption_records").await,
+        count(&db, "SELECT count(*) FROM consumption_records").await,
         1
     );
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
     engine.stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn check_reports_without_deducting_and_unlimited_grants_pay_anything(pool: PgPool) {
-    let permanent = create_package(&pool, "permanent", None, None).await;
-    let credits = create_package(&pool, "credits", Some(2), None).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn check_reports_without_deducting_and_unlimited_grants_pay_anything(db: TestDb) {
+    let permanent = create_package(&db, "permanent", None, None).await;
+    let credits = create_package(&db, "credits", Some(2), None).await;
+    let engine = engine_on(&db).await;
     engine.grant(9, credits, json!({"priority": 1})).await;
     let (status, body) = engine
         .check(json!({"user_id": 9, "action_key": "advanced_analysis"}))
@@ -319,10 +322,11 @@ async fn check_reports_without_deducting_and_unlimited_grants_pay_anything(pool:
     );
     let used: i64 = sqlx::query_scalar("SELECT used_credits FROM user_packages WHERE id = $1")
         .bind(unlimited)
-        .fetch_one(&pool)
+        .fetch_one(&db.sql)
         .await
         .unwrap();
     assert_eq!(used, 2998);
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
     engine.stop().await;
+}
 }

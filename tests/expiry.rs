@@ -1,25 +1,32 @@
 //! Grant expiry: exact to the instant, recorded once, caught up after downtime.
 
+#[macro_use]
 mod common;
 
 use axum::http::StatusCode;
 use chrono::Duration;
 use common::*;
 use serde_json::{Value, json};
-use sqlx::PgPool;
 
-async fn expired_events(pool: &PgPool) -> Vec<Value> {
-    sqlx::query_scalar("SELECT payload FROM billing_events WHERE kind = 'billing_package_expired'")
-        .fetch_all(pool)
-        .await
-        .unwrap()
+async fn expired_events(db: &TestDb) -> Vec<Value> {
+    let payloads: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(payload AS TEXT) FROM billing_events
+         WHERE kind = 'billing_package_expired' ORDER BY id",
+    )
+    .fetch_all(&db.sql)
+    .await
+    .unwrap();
+    payloads
+        .iter()
+        .map(|payload| serde_json::from_str(payload).unwrap())
+        .collect()
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_grant_pays_until_its_expiry_instant_and_is_recorded_expired_once(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(100), None).await;
-    let hybrid = create_package(&pool, "hybrid", Some(10), Some(1)).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn a_grant_pays_until_its_expiry_instant_and_is_recorded_expired_once(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(100), None).await;
+    let hybrid = create_package(&db, "hybrid", Some(10), Some(1)).await;
+    let engine = engine_on(&db).await;
     let expires_at = start_time() + Duration::hours(1);
     let expiring = engine
         .grant(3, hybrid, json!({"priority": 1, "expires_at": expires_at}))
@@ -51,18 +58,18 @@ async fn a_grant_pays_until_its_expiry_instant_and_is_recorded_expired_once(pool
         "SELECT status, remaining_credits, expired_credits FROM user_packages WHERE id = $1",
     )
     .bind(expiring)
-    .fetch_one(&pool)
+    .fetch_one(&db.sql)
     .await
     .unwrap();
     assert_eq!(
         (status_text.as_str(), remaining, expired),
         ("expired", 0, 7)
     );
-    let events = expired_events(&pool).await;
+    let events = expired_events(&db).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["voided_credits"], 7);
     assert_eq!(events[0]["user_package_id"], expiring);
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
 
     // Memory agrees with the database afterwards.
     engine.assert_reconciliation_clean().await;
@@ -80,16 +87,17 @@ async fn a_grant_pays_until_its_expiry_instant_and_is_recorded_expired_once(pool
     let pending_status: String =
         sqlx::query_scalar("SELECT status FROM user_packages WHERE id = $1")
             .bind(pending)
-            .fetch_one(&pool)
+            .fetch_one(&db.sql)
             .await
             .unwrap();
     assert_eq!(pending_status, "pending");
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn grants_that_expired_while_the_engine_was_down_are_caught_up_once(pool: PgPool) {
-    let hybrid = create_package(&pool, "hybrid", Some(10), Some(1)).await;
-    let first = engine(pool.clone()).await;
+backend_tests! {
+async fn grants_that_expired_while_the_engine_was_down_are_caught_up_once(db: TestDb) {
+    let hybrid = create_package(&db, "hybrid", Some(10), Some(1)).await;
+    let first = engine_on(&db).await;
     for user in 1..=5 {
         first
             .grant(
@@ -103,19 +111,20 @@ async fn grants_that_expired_while_the_engine_was_down_are_caught_up_once(pool: 
 
     // Down for a day; two engines come up one after the other (a restart), each catching up.
     for _ in 0..2 {
-        let engine = engine(pool.clone()).await;
+        let engine = engine_on(&db).await;
         engine.clock.advance(Duration::days(1));
         engine.app.expirer().run_once().await.unwrap();
         engine.stop().await;
     }
-    assert_eq!(expired_events(&pool).await.len(), 5);
+    assert_eq!(expired_events(&db).await.len(), 5);
     assert_eq!(
         count(
-            &pool,
+            &db,
             "SELECT count(*) FROM user_packages WHERE status = 'expired' AND expired_credits = 10"
         )
         .await,
         5
     );
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
+}
 }

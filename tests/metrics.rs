@@ -106,9 +106,13 @@ async fn traffic_shows_in_the_metrics_with_route_patterns_not_raw_paths(pool: Pg
 async fn metrics_can_have_their_own_address(pool: PgPool) {
     let mut settings = settings("postgres://unused");
     settings.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
-    let app = App::build_with(pool, settings, Arc::new(ManualClock::new(start_time())))
-        .await
-        .unwrap();
+    let app = App::build_with(
+        credits_engine::store::postgres::PgStore::db(pool),
+        settings,
+        Arc::new(ManualClock::new(start_time())),
+    )
+    .await
+    .unwrap();
     let api = app.local_addr().unwrap();
     let metrics = app.metrics_addr().expect("a metrics listener");
     assert_ne!(api, metrics);

@@ -135,7 +135,7 @@ async fn an_unreachable_database_turns_readiness_off_until_it_returns(pool: PgPo
         .clone()
         .host("127.0.0.1")
         .port(proxy.addr.port());
-    let engine_pool = store::pool_options(8)
+    let engine_pool = store::postgres::pool_options(8)
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy_with(through_proxy);
     let clock = Arc::new(ManualClock::new(start_time()));

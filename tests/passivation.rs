@@ -24,13 +24,17 @@ async fn deducts_racing_passivation_are_neither_lost_nor_doubled(pool: PgPool) {
     // the same order as the bursts themselves, so stops land between and amid requests.
     settings.wallet_idle_ms = 20;
     let clock = Arc::new(ManualClock::new(start_time()));
-    let app = App::build_with(pool.clone(), settings, clock.clone())
-        .await
-        .unwrap();
+    let app = App::build_with(
+        credits_engine::store::postgres::PgStore::db(pool.clone()),
+        settings,
+        clock.clone(),
+    )
+    .await
+    .unwrap();
     let engine = TestEngine {
         router: app.router(),
         app,
-        pool: pool.clone(),
+        db: credits_engine::store::postgres::PgStore::db(pool.clone()),
         clock,
     };
     for user in 1..=USERS {

@@ -228,9 +228,13 @@ async fn the_background_job_writes_mismatches_and_stops_with_the_engine(pool: Pg
     let mut settings = settings("postgres://unused");
     settings.reconcile_interval_secs = 1;
     let clock = std::sync::Arc::new(credits_engine::clock::ManualClock::new(start_time()));
-    let app = credits_engine::app::App::build_with(pool.clone(), settings, clock)
-        .await
-        .unwrap();
+    let app = credits_engine::app::App::build_with(
+        credits_engine::store::postgres::PgStore::db(pool.clone()),
+        settings,
+        clock,
+    )
+    .await
+    .unwrap();
 
     // Used 4 with no allocation behind it: the job finds it within a few intervals.
     let mut events = Vec::new();

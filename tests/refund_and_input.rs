@@ -1,18 +1,18 @@
 //! Refunds, and bad input on every internal route.
 
+#[macro_use]
 mod common;
 
 use axum::http::StatusCode;
 use chrono::Duration;
 use common::*;
 use serde_json::{Value, json};
-use sqlx::PgPool;
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn refund_restores_grants_forfeits_expired_shares_and_replays(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(10), None).await;
-    let hybrid = create_package(&pool, "hybrid", Some(2), Some(1)).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn refund_restores_grants_forfeits_expired_shares_and_replays(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(10), None).await;
+    let hybrid = create_package(&db, "hybrid", Some(2), Some(1)).await;
+    let engine = engine_on(&db).await;
     let expiring = engine
         .grant(
             4,
@@ -48,7 +48,7 @@ async fn refund_restores_grants_forfeits_expired_shares_and_replays(pool: PgPool
     let lasting_remaining: i64 =
         sqlx::query_scalar("SELECT remaining_credits FROM user_packages WHERE id = $1")
             .bind(lasting)
-            .fetch_one(&pool)
+            .fetch_one(&db.sql)
             .await
             .unwrap();
     assert_eq!(lasting_remaining, 10);
@@ -56,7 +56,7 @@ async fn refund_restores_grants_forfeits_expired_shares_and_replays(pool: PgPool
         sqlx::query_as(
             "SELECT status, refunded_credits, forfeited_credits, refund_reason FROM consumption_records",
         )
-        .fetch_one(&pool)
+        .fetch_one(&db.sql)
         .await
         .unwrap();
     assert_eq!(
@@ -68,7 +68,7 @@ async fn refund_restores_grants_forfeits_expired_shares_and_replays(pool: PgPool
         "SELECT user_package_id, refunded_credits, forfeited_credits FROM consumption_allocations
          ORDER BY user_package_id",
     )
-    .fetch_all(&pool)
+    .fetch_all(&db.sql)
     .await
     .unwrap();
     assert_eq!(lines, vec![(expiring, 0, 2), (lasting, 1, 0)]);
@@ -84,16 +84,16 @@ async fn refund_restores_grants_forfeits_expired_shares_and_replays(pool: PgPool
         assert_eq!(body["refunded_credits"], 1);
         assert_eq!(body["forfeited_credits"], 2);
     }
-    assert_eq!(remaining_of(&pool, 4).await, 10);
+    assert_eq!(remaining_of(&db, 4).await, 10);
     assert_eq!(
         count(
-            &pool,
+            &db,
             "SELECT count(*) FROM billing_events WHERE kind = 'billing_consumption_refund'"
         )
         .await,
         1
     );
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
 
     // Unknown consumptions are 404.
     let (status, body) = engine.refund(json!({"consumption_id": 999_999})).await;
@@ -105,11 +105,12 @@ async fn refund_restores_grants_forfeits_expired_shares_and_replays(pool: PgPool
     assert_eq!(status, StatusCode::NOT_FOUND);
     engine.stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_refund_by_key_sent_with_its_deduct_waits_for_the_commit(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(50), None).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn a_refund_by_key_sent_with_its_deduct_waits_for_the_commit(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(50), None).await;
+    let engine = engine_on(&db).await;
     engine.grant(6, credits, json!({})).await;
 
     // Deduct and refund race: the refund arrives while the deduct may still be in flight.
@@ -139,21 +140,22 @@ async fn a_refund_by_key_sent_with_its_deduct_waits_for_the_commit(pool: PgPool)
             other => panic!("refund answered {other}: {}", refunded.1),
         }
     }
-    assert_eq!(remaining_of(&pool, 6).await, 50);
-    assert_ledger_balanced(&pool).await;
+    assert_eq!(remaining_of(&db, 6).await, 50);
+    assert_ledger_balanced(&db).await;
+}
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_refund_of_a_depleted_grant_makes_it_active_again(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(3), None).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn a_refund_of_a_depleted_grant_makes_it_active_again(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(3), None).await;
+    let engine = engine_on(&db).await;
     let grant = engine.grant(8, credits, json!({})).await;
     let (_, deducted) = engine
         .deduct(json!({"user_id": 8, "action_key": "advanced_analysis"}))
         .await;
     let status: String = sqlx::query_scalar("SELECT status FROM user_packages WHERE id = $1")
         .bind(grant)
-        .fetch_one(&pool)
+        .fetch_one(&db.sql)
         .await
         .unwrap();
     assert_eq!(status, "depleted");
@@ -164,7 +166,7 @@ async fn a_refund_of_a_depleted_grant_makes_it_active_again(pool: PgPool) {
     let (status, remaining): (String, i64) =
         sqlx::query_as("SELECT status, remaining_credits FROM user_packages WHERE id = $1")
             .bind(grant)
-            .fetch_one(&pool)
+            .fetch_one(&db.sql)
             .await
             .unwrap();
     assert_eq!((status.as_str(), remaining), ("active", 3));
@@ -172,33 +174,34 @@ async fn a_refund_of_a_depleted_grant_makes_it_active_again(pool: PgPool) {
         .deduct(json!({"user_id": 8, "action_key": "ai_chat"}))
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
     engine.stop().await;
+}
 }
 
 /// What the database holds, to prove a rejected request wrote nothing.
-async fn snapshot(pool: &PgPool) -> Value {
+async fn snapshot(db: &TestDb) -> Value {
     let row: (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM consumption_records), (SELECT count(*) FROM consumption_allocations),
                 (SELECT count(*) FROM billing_events),
-                (SELECT COALESCE(SUM(remaining_credits), 0)::bigint FROM user_packages)",
+                (SELECT CAST(COALESCE(SUM(remaining_credits), 0) AS BIGINT) FROM user_packages)",
     )
-    .fetch_one(pool)
+    .fetch_one(&db.sql)
     .await
     .unwrap();
     json!([row.0, row.1, row.2, row.3])
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn bad_input_is_a_4xx_naming_the_field_and_writes_nothing(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(100), None).await;
+backend_tests! {
+async fn bad_input_is_a_4xx_naming_the_field_and_writes_nothing(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(100), None).await;
     sqlx::query("INSERT INTO action_prices (action_key, name, credits_cost, enabled) VALUES ('off', 'Off', 1, false), ('huge', 'Huge', 9223372036854775807, true)")
-        .execute(&pool)
+        .execute(&db.sql)
         .await
         .unwrap();
-    let engine = engine(pool.clone()).await;
+    let engine = engine_on(&db).await;
     engine.grant(1, credits, json!({})).await;
-    let before = snapshot(&pool).await;
+    let before = snapshot(&db).await;
 
     let deduct = "/api/internal/billing/credits/deduct";
     let check = "/api/internal/billing/credits/check";
@@ -481,16 +484,17 @@ async fn bad_input_is_a_4xx_naming_the_field_and_writes_nothing(pool: PgPool) {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     assert_eq!(
-        snapshot(&pool).await,
+        snapshot(&db).await,
         before,
         "a rejected request wrote something"
     );
     engine.stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn admin_assign_validates_and_assigns_an_external_ref_once(pool: PgPool) {
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn admin_assign_validates_and_assigns_an_external_ref_once(db: TestDb) {
+    let engine = engine_on(&db).await;
     let admin = admin_token();
     let user_token = credits_engine::http::auth::mint_token(
         &credits_engine::config::Secret::new(JWT_SECRET),
@@ -539,7 +543,7 @@ async fn admin_assign_validates_and_assigns_an_external_ref_once(pool: PgPool) {
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
-    assert_eq!(count(&pool, "SELECT count(*) FROM user_packages").await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM user_packages").await, 0);
 
     let order =
         json!({"user_id": 7, "package_id": 2, "source": "purchase", "external_ref": "order-9"});
@@ -553,10 +557,10 @@ async fn admin_assign_validates_and_assigns_an_external_ref_once(pool: PgPool) {
     let (status, second) = engine.request(path, Some(&admin), order).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(second["id"], first["id"]);
-    assert_eq!(count(&pool, "SELECT count(*) FROM user_packages").await, 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM user_packages").await, 1);
     assert_eq!(
         count(
-            &pool,
+            &db,
             "SELECT count(*) FROM billing_events WHERE kind = 'billing_package_assign'"
         )
         .await,
@@ -579,4 +583,5 @@ async fn admin_assign_validates_and_assigns_an_external_ref_once(pool: PgPool) {
         .await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
     engine.stop().await;
+}
 }

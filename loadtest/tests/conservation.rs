@@ -47,9 +47,13 @@ async fn engine_and_baseline_conserve_every_credit(
     settings.jwt_secret = Some(Secret::new("loadtest-test-jwt-secret"));
     settings.db_pool_max = 8;
     let pool = pool_options.connect_with(connect.clone()).await.unwrap();
-    let app = App::build_with(pool, settings, Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let app = App::build_with(
+        credits_engine::store::postgres::PgStore::db(pool),
+        settings,
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
     let addr = app.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {

@@ -5,10 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use sqlx::PgPool;
-
 use crate::domain::{Credits, PackageId, PackageType};
-use crate::store::{self, ActionPriceRow, PackageRow};
+use crate::store::{self, ActionPriceRow, Db, PackageRow, Store};
 
 /// What a deduct needs of an action's price.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,16 +134,16 @@ pub struct Catalog {
 const RELOAD_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Catalog {
-    pub async fn load(pool: &PgPool) -> Result<Catalog, sqlx::Error> {
+    pub async fn load(db: &dyn Store) -> Result<Catalog, sqlx::Error> {
         let catalog = Catalog::default();
-        catalog.reload(pool).await?;
+        catalog.reload(db).await?;
         Ok(catalog)
     }
 
     /// Reads both tables and swaps the snapshot in one step.
-    pub async fn reload(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        let prices = store::load_action_prices(pool).await?;
-        let packages = store::load_packages(pool).await?;
+    pub async fn reload(&self, db: &dyn Store) -> Result<(), sqlx::Error> {
+        let prices = db.load_action_prices().await?;
+        let packages = db.load_packages().await?;
         let snapshot = Arc::new(Snapshot::from_rows(&prices, &packages)?);
         *self
             .current
@@ -157,8 +155,8 @@ impl Catalog {
     /// Reloads after a committed write. A failure (the database went away right after the
     /// commit) does not fail the write: the reload is retried in the background until it
     /// succeeds, so the snapshot catches up by itself.
-    pub async fn reload_after_write(self: &Arc<Self>, pool: &PgPool) {
-        let Err(error) = self.reload(pool).await else {
+    pub async fn reload_after_write(self: &Arc<Self>, db: &Db) {
+        let Err(error) = self.reload(&**db).await else {
             return;
         };
         tracing::error!(%error, "catalog reload after a committed write failed; retrying");
@@ -169,12 +167,12 @@ impl Catalog {
             return;
         }
         let catalog = self.clone();
-        let pool = pool.clone();
+        let db = db.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(RELOAD_RETRY_INTERVAL).await;
                 let _writes = catalog.lock_writes().await;
-                match catalog.reload(&pool).await {
+                match catalog.reload(&*db).await {
                     Ok(()) => break,
                     Err(error) => tracing::warn!(%error, "catalog reload still failing"),
                 }

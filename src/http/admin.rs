@@ -13,7 +13,7 @@ use super::extract::{ApiJson, path_id};
 use super::query::{List, Params, id_cursor};
 use super::validate;
 use crate::domain::{GrantSource, NewGrant, PackageId, UserId, UserPackageId};
-use crate::store::{self, GrantFilter, GrantListRow, UserPackageRow};
+use crate::store::{GrantFilter, GrantListRow, UserPackageRow};
 use crate::wallet::{AssignRequest, WalletMsg};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -115,7 +115,9 @@ pub async fn assign_user_package(
 /// The grant an admin route names by id, and its owner.
 async fn grant_by_id(state: &AppState, segment: &str) -> Result<UserPackageRow, ApiError> {
     let id = path_id("id", segment)?;
-    store::find_user_package(&state.pool, UserPackageId(id))
+    state
+        .db
+        .find_user_package(UserPackageId(id))
         .await?
         .ok_or_else(|| {
             ApiError::not_found("user_package_not_found", format!("no user package {id}"))
@@ -282,10 +284,7 @@ pub async fn list_package_users(
 ) -> Result<Json<List<GrantListRow>>, ApiError> {
     let id = path_id("id", &id)?;
     params.allow(&["status", "user_id", "limit", "cursor"])?;
-    if crate::store::catalog::find_package(&state.pool, id)
-        .await?
-        .is_none()
-    {
+    if state.db.find_package(id).await?.is_none() {
         return Err(ApiError::not_found(
             "package_not_found",
             format!("no package {id}"),
@@ -306,6 +305,9 @@ pub async fn grant_page(
     params: &Params,
 ) -> Result<Json<List<GrantListRow>>, ApiError> {
     let page = params.page()?;
-    let rows = store::list_grants(&state.pool, filter, page.id()?, page.fetch_limit()).await?;
+    let rows = state
+        .db
+        .list_grants(filter, page.id()?, page.fetch_limit())
+        .await?;
     Ok(Json(page.finish(rows, |row| id_cursor(row.grant.id))))
 }

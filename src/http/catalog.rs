@@ -9,7 +9,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use sqlx::PgPool;
 use tracing::Instrument;
 use utoipa::ToSchema;
 
@@ -19,8 +18,8 @@ use super::extract::{ApiJson, Patch, path_id};
 use super::query::{List, Params, key_cursor, key_id_cursor};
 use super::validate;
 use crate::domain::PackageType;
-use crate::store::catalog::{self, PackageFields, PackageFilter, PackageSort, PriceFields};
-use crate::store::{ActionPriceRow, PackageRow};
+use crate::store::catalog::{PackageFields, PackageFilter, PackageSort, PriceFields};
+use crate::store::{self, ActionPriceRow, Db, PackageRow};
 
 /// The body of creating or changing an action price. On `PUT`, left-out fields keep their values.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -86,17 +85,17 @@ fn package_not_found(id: i64) -> ApiError {
 async fn write_catalog<T, F, Fut>(state: &AppState, write: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
-    F: FnOnce(PgPool, DateTime<Utc>) -> Fut + Send + 'static,
+    F: FnOnce(Db, DateTime<Utc>) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, ApiError>> + Send + 'static,
 {
     let catalog = state.catalog.clone();
-    let pool = state.pool.clone();
+    let db = state.db.clone();
     let now = state.clock.now();
     let task = tokio::spawn(
         async move {
             let _writes = catalog.lock_writes().await;
-            let written = write(pool.clone(), now).await?;
-            catalog.reload_after_write(&pool).await;
+            let written = write(db.clone(), now).await?;
+            catalog.reload_after_write(&db).await;
             Ok(written)
         }
         .instrument(tracing::Span::current()),
@@ -136,13 +135,14 @@ pub async fn list_prices(
 ) -> Result<Json<List<ActionPriceRow>>, ApiError> {
     params.allow(&["enabled", "limit", "cursor"])?;
     let page = params.page()?;
-    let rows = catalog::list_action_prices(
-        &state.pool,
-        params.bool("enabled")?,
-        page.key()?.as_deref(),
-        page.fetch_limit(),
-    )
-    .await?;
+    let rows = state
+        .db
+        .list_action_prices(
+            params.bool("enabled")?,
+            page.key()?.as_deref(),
+            page.fetch_limit(),
+        )
+        .await?;
     Ok(Json(page.finish(rows, |row| key_cursor(&row.action_key))))
 }
 
@@ -174,8 +174,8 @@ pub async fn create_price(
         .ok_or_else(|| ApiError::invalid_field("action_key", "is required"))?;
     let action_key = validate::action_key(&action_key)?.to_owned();
     let fields = body.merge(None)?;
-    let row = write_catalog(&state, move |pool, now| async move {
-        catalog::insert_action_price(&pool, &action_key, &fields, now)
+    let row = write_catalog(&state, move |db, now| async move {
+        db.insert_action_price(&action_key, &fields, now)
             .await?
             .ok_or_else(|| {
                 ApiError::new(
@@ -226,8 +226,8 @@ pub async fn update_price(
             "cannot be changed; create a new action instead",
         ));
     }
-    let row = write_catalog(&state, move |pool, now| async move {
-        catalog::update_action_price(&pool, &action_key, now, |row| body.merge(Some(row)))
+    let row = write_catalog(&state, move |db, now| async move {
+        store::update_action_price(&*db, &action_key, now, |row| body.merge(Some(row)))
             .await?
             .ok_or_else(|| unknown_action(&action_key))
     })
@@ -266,8 +266,8 @@ pub async fn set_price_status(
     Path(action_key): Path<String>,
     ApiJson(body): ApiJson<StatusBody>,
 ) -> Result<Json<ActionPriceRow>, ApiError> {
-    let row = write_catalog(&state, move |pool, now| async move {
-        catalog::update_action_price(&pool, &action_key, now, |row| {
+    let row = write_catalog(&state, move |db, now| async move {
+        store::update_action_price(&*db, &action_key, now, |row| {
             Ok::<_, ApiError>(PriceFields {
                 enabled: body.enabled,
                 ..PriceFields::of(row)
@@ -501,15 +501,16 @@ pub async fn list_packages(
         .unwrap_or(PackageSort::SortOrder);
     let descending = params.one_of("order", &["asc", "desc"])?.as_deref() == Some("desc");
     let page = params.page()?;
-    let rows = catalog::list_packages(
-        &state.pool,
-        &filter,
-        sort,
-        descending,
-        page.key_id()?,
-        page.fetch_limit(),
-    )
-    .await?;
+    let rows = state
+        .db
+        .list_packages(
+            &filter,
+            sort,
+            descending,
+            page.key_id()?,
+            page.fetch_limit(),
+        )
+        .await?;
     Ok(Json(page.finish(rows, |row| {
         key_id_cursor(sort.key_of(row), row.id)
     })))
@@ -536,8 +537,8 @@ pub async fn create_package(
     ApiJson(body): ApiJson<PackageBody>,
 ) -> Result<(StatusCode, Json<PackageRow>), ApiError> {
     let fields = body.merge(None)?;
-    let row = write_catalog(&state, move |pool, now| async move {
-        Ok(catalog::insert_package(&pool, &fields, now).await?)
+    let row = write_catalog(&state, move |db, now| async move {
+        Ok(db.insert_package(&fields, now).await?)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(row)))
@@ -566,7 +567,9 @@ pub async fn get_package(
     Path(id): Path<String>,
 ) -> Result<Json<PackageRow>, ApiError> {
     let id = path_id("id", &id)?;
-    catalog::find_package(&state.pool, id)
+    state
+        .db
+        .find_package(id)
         .await?
         .map(Json)
         .ok_or_else(|| package_not_found(id))
@@ -598,8 +601,8 @@ pub async fn update_package(
     ApiJson(body): ApiJson<PackageBody>,
 ) -> Result<Json<PackageRow>, ApiError> {
     let id = path_id("id", &id)?;
-    let row = write_catalog(&state, move |pool, now| async move {
-        catalog::update_package(&pool, id, now, |row| body.merge(Some(row)))
+    let row = write_catalog(&state, move |db, now| async move {
+        store::update_package(&*db, id, now, |row| body.merge(Some(row)))
             .await?
             .ok_or_else(|| package_not_found(id))
     })
@@ -639,8 +642,8 @@ pub async fn set_package_visibility(
     ApiJson(body): ApiJson<VisibilityBody>,
 ) -> Result<Json<PackageRow>, ApiError> {
     let id = path_id("id", &id)?;
-    let row = write_catalog(&state, move |pool, now| async move {
-        catalog::update_package(&pool, id, now, |row| {
+    let row = write_catalog(&state, move |db, now| async move {
+        store::update_package(&*db, id, now, |row| {
             Ok::<_, ApiError>(PackageFields {
                 visible: body.visible,
                 ..PackageFields::of(row)
@@ -677,8 +680,8 @@ pub async fn delete_package(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = path_id("id", &id)?;
-    write_catalog(&state, move |pool, now| async move {
-        if catalog::delete_package(&pool, id, now).await? {
+    write_catalog(&state, move |db, now| async move {
+        if db.delete_package(id, now).await? {
             Ok(())
         } else {
             Err(package_not_found(id))

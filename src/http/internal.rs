@@ -15,7 +15,6 @@ use super::validate;
 use crate::domain::{ConsumptionId, Credits};
 use crate::error::EngineError;
 use crate::metrics;
-use crate::store;
 use crate::wallet::{
     CheckAnswer, DeductAnswer, DeductRequest, RefundAnswer, RefundRequest, RefundTarget,
     RegisterAnswer, WalletMsg,
@@ -230,7 +229,9 @@ async fn refund_body(state: &AppState, body: RefundBody) -> Result<RefundAnswer,
                 ));
             }
             let id = ConsumptionId(id);
-            let owner = store::find_consumption_owner(&state.pool, id)
+            let owner = state
+                .db
+                .find_consumption_owner(id)
                 .await
                 .map_err(EngineError::from)?
                 .ok_or(EngineError::ConsumptionNotFound)?;

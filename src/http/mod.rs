@@ -24,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::PgPool;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -46,7 +45,7 @@ pub struct AppState {
     /// Runs reconciliation on demand (the supervisor's job shares it).
     pub reconciler: Arc<Reconciler>,
     pub catalog: Arc<Catalog>,
-    pub pool: PgPool,
+    pub db: crate::store::Db,
     pub auth: Arc<auth::Auth>,
     pub clock: Arc<dyn Clock>,
 }
@@ -171,7 +170,7 @@ async fn healthz() -> &'static str {
     ),
 )]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    if crate::supervisor::probe_database(&state.pool).await {
+    if crate::supervisor::probe_database(&state.db).await {
         Ok("ready")
     } else {
         Err(EngineError::Unavailable("the database does not answer").into())

@@ -22,8 +22,8 @@ use super::auth::Principal;
 use super::error::{ApiError, ErrorBody};
 use super::query::{List, Params, TimeRange, id_cursor, time_id_cursor};
 use crate::store::reports::{
-    self as store, ConsumptionExport, ConsumptionFilter, ConsumptionRow, EventFilter, EventRow,
-    GroupBy, StatisticsGroup, StatisticsSums,
+    ConsumptionExport, ConsumptionFilter, ConsumptionRow, EventFilter, EventRow, GroupBy,
+    StatisticsGroup, StatisticsSums,
 };
 
 /// Most groups a statistics answer holds. A `group_by=day` range given with both ends may span
@@ -184,7 +184,10 @@ async fn consumption_page(
 ) -> Result<Json<List<ConsumptionRow>>, ApiError> {
     let page = params.page()?;
     let after = page.time_id()?;
-    let rows = store::list_consumption(&state.pool, filter, after, page.fetch_limit()).await?;
+    let rows = state
+        .db
+        .list_consumption(filter, after, page.fetch_limit())
+        .await?;
     Ok(Json(page.finish(rows, |row| {
         time_id_cursor(row.created_at, row.id)
     })))
@@ -254,9 +257,10 @@ pub async fn consumption_statistics(
         from,
         to,
     };
-    let (mut items, totals) =
-        store::consumption_statistics(&state.pool, &filter, group_by, STATISTICS_GROUPS_MAX + 1)
-            .await?;
+    let (mut items, totals) = state
+        .db
+        .consumption_statistics(&filter, group_by, STATISTICS_GROUPS_MAX + 1)
+        .await?;
     let truncated = items.len() as i64 > STATISTICS_GROUPS_MAX;
     items.truncate(usize::try_from(STATISTICS_GROUPS_MAX).unwrap_or(usize::MAX));
     Ok(Json(StatisticsAnswer {
@@ -313,7 +317,9 @@ pub async fn consumption_export(
         )
         .with("retryable", true)
     })?;
-    let export = ConsumptionExport::open(&state.pool, &filter, EXPORT_ROWS_MAX)
+    let export = state
+        .db
+        .open_export(&filter, EXPORT_ROWS_MAX)
         .await?
         .ok_or_else(|| {
             ApiError::invalid_field(
@@ -429,7 +435,7 @@ async fn encode_export(
 ) -> Result<Sent, ExportError> {
     let mut csv = csv_writer();
     csv.write_record(EXPORT_COLUMNS)?;
-    let mut rows = export.stream();
+    let rows = export.stream();
     let mut sent: u64 = 0;
     let mut in_chunk: usize = 0;
     while let Some(row) = rows.next().await {
@@ -507,7 +513,10 @@ pub async fn events(
     };
     let page = params.page()?;
     let before = page.id()?;
-    let rows = store::list_events(&state.pool, &filter, before, page.fetch_limit()).await?;
+    let rows = state
+        .db
+        .list_events(&filter, before, page.fetch_limit())
+        .await?;
     Ok(Json(page.finish(rows, |row| id_cursor(row.id))))
 }
 

@@ -66,7 +66,7 @@ pub async fn credits(
 ) -> Result<Json<CreditSummary>, ApiError> {
     params.allow(&[])?;
     let now = state.clock.now();
-    let mut rows = store::live_grants(&state.pool, principal.user_id).await?;
+    let mut rows = state.db.live_grants(principal.user_id).await?;
     let truncated = rows.len() as i64 > store::SUMMARY_GRANTS_MAX;
     rows.truncate(usize::try_from(store::SUMMARY_GRANTS_MAX).unwrap_or(usize::MAX));
     let mut grants = Vec::with_capacity(rows.len());

@@ -1,57 +1,335 @@
-//! Every SQL statement of the engine lives here. `writer` is the batch writer of the deduct path;
-//! this module holds the reads and the rare writes (admin assign) that wallets perform directly.
+//! Every SQL statement of the engine lives here, behind one trait, [`Store`], with one
+//! implementation per backend (as atuin's server does): [`postgres`] for a production deployment
+//! and [`sqlite`], the embedded default, a file on the engine's machine. Each has its own
+//! migrations folder (`migrations/postgres`, `migrations/sqlite`). The wallet, catalog,
+//! supervisor and HTTP code hold a [`Db`] and never know which one runs.
+//!
+//! [`writer`] is the batch writer of the deduct path, shared by both backends (each supplies its
+//! batch statements); the trait holds the reads and the rare writes (admin assign, the catalog)
+//! that the rest of the engine performs directly.
 
 pub mod catalog;
+pub mod postgres;
 pub mod reconcile;
 pub mod reports;
+pub mod sqlite;
 pub mod writer;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool, migrate::MigrateDatabase};
-use std::str::FromStr;
-use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::domain::{
     Balance, ConsumptionId, Credits, Grant, GrantStatus, NewGrant, PackageType, RefundLine, UserId,
     UserPackageId,
 };
+use catalog::{PackageFields, PackageFilter, PackageSort, PriceFields};
+use reconcile::{LedgerCheck, OrphanAllocation};
+use reports::{
+    ConsumptionExport, ConsumptionFilter, ConsumptionRow, EventFilter, EventRow, GroupBy,
+    StatisticsGroup, StatisticsSums,
+};
+use writer::{WriterHandle, WriterLimits};
 
-/// The migrations of the PostgreSQL store, embedded in the binary and applied at start-up.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// The engine's store, whichever backend it is.
+pub type Db = Arc<dyn Store>;
 
-/// Connects to PostgreSQL, creating the database if it does not exist yet, and applies the
-/// migrations. `pool_max` bounds the connections (the writer holds one while it commits).
-pub async fn connect(database_url: &str, pool_max: u32) -> Result<PgPool, sqlx::Error> {
-    if !sqlx::Postgres::database_exists(database_url).await? {
-        sqlx::Postgres::create_database(database_url).await?;
+/// Which database a [`Store`] keeps its data in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        }
     }
-    let options = PgConnectOptions::from_str(database_url)?
-        .application_name(APPLICATION_NAME)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
-    let pool = pool_options(pool_max).connect_with(options).await?;
-    migrate(&pool).await?;
-    Ok(pool)
 }
 
-/// The engine's connections' `application_name`, so operators (and tests) can tell them apart
-/// in `pg_stat_activity`.
-pub const APPLICATION_NAME: &str = "credits-engine";
-
-/// How the engine's pool behaves: at most `pool_max` connections, and a request that cannot get
-/// one within [`ACQUIRE_TIMEOUT`] (the database is down or saturated) fails with `503`.
-pub fn pool_options(pool_max: u32) -> PgPoolOptions {
-    PgPoolOptions::new()
-        .max_connections(pool_max)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
+/// Connects to the database `database_url` names (`postgres://...` or `sqlite://...`; a
+/// `sqlite:` URL names a file, which is created with its directory if missing), applies its
+/// migrations and answers the store. `pool_max` bounds the connections.
+pub async fn connect(database_url: &str, pool_max: u32) -> Result<Db, sqlx::Error> {
+    if database_url.starts_with("sqlite:") {
+        Ok(Arc::new(
+            sqlite::SqliteStore::connect(database_url, pool_max).await?,
+        ))
+    } else if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
+        Ok(Arc::new(
+            postgres::PgStore::connect(database_url, pool_max).await?,
+        ))
+    } else {
+        Err(sqlx::Error::Configuration(
+            "DATABASE_URL must start with postgres://, postgresql:// or sqlite:".into(),
+        ))
+    }
 }
 
-/// Longest a query waits for a pooled connection.
-pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The connections of a store's pool, for the metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolUsage {
+    pub size: u32,
+    pub idle: usize,
+    pub max: u32,
+}
 
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
-    MIGRATOR.run(pool).await.map_err(sqlx::Error::from)
+/// The outcome of a read-modify-write of one catalog row (see [`Store::update_action_price`]).
+#[derive(Debug)]
+pub enum Merged<T> {
+    Updated(T),
+    /// No such row: nothing was written.
+    NotFound,
+    /// The merge refused the change: nothing was written.
+    Refused,
+}
+
+/// Turns the current row into the new fields; `None` refuses the change.
+pub type Merge<'a, R, F> = Box<dyn FnOnce(&R) -> Option<F> + Send + 'a>;
+
+/// Everything the engine reads and writes outside the batch writer, in one backend.
+///
+/// Writes that belong together (a row and its audit event) commit in one transaction. Errors
+/// are `sqlx::Error`s, whose `DatabaseError::kind` (unique, check, foreign key) is the same on
+/// both backends.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    fn backend(&self) -> Backend;
+
+    /// Starts the batch writer's lanes over this store (see [`writer::spawn_lanes`]).
+    fn spawn_writer(
+        &self,
+        limits: WriterLimits,
+        stop: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> std::io::Result<WriterHandle>;
+
+    /// Answers whether the database answers a trivial query.
+    async fn ping(&self) -> Result<(), sqlx::Error>;
+
+    fn pool_usage(&self) -> PoolUsage;
+
+    /// Closes the pool: the writer lanes drain and stop, and no query starts afterwards.
+    async fn close(&self);
+
+    // The catalog.
+    async fn load_action_prices(&self) -> Result<Vec<ActionPriceRow>, sqlx::Error>;
+    async fn load_packages(&self) -> Result<Vec<PackageRow>, sqlx::Error>;
+    /// Creates an action price at version 1; `None` when the key is taken.
+    async fn insert_action_price(
+        &self,
+        action_key: &str,
+        fields: &PriceFields,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ActionPriceRow>, sqlx::Error>;
+    /// Changes an action price: `merge` turns the current row (locked) into the new fields.
+    /// The version goes up by one and a `billing_action_price_update` event records old and new.
+    async fn update_action_price(
+        &self,
+        action_key: &str,
+        now: DateTime<Utc>,
+        merge: Merge<'_, ActionPriceRow, PriceFields>,
+    ) -> Result<Merged<ActionPriceRow>, sqlx::Error>;
+    /// Every action price, by key, after `after_key`.
+    async fn list_action_prices(
+        &self,
+        enabled: Option<bool>,
+        after_key: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ActionPriceRow>, sqlx::Error>;
+    async fn insert_package(
+        &self,
+        fields: &PackageFields,
+        now: DateTime<Utc>,
+    ) -> Result<PackageRow, sqlx::Error>;
+    /// Changes a package that is not deleted, as [`Store::update_action_price`] does.
+    async fn update_package(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+        merge: Merge<'_, PackageRow, PackageFields>,
+    ) -> Result<Merged<PackageRow>, sqlx::Error>;
+    /// Soft-deletes a package; `Ok(false)` when there is no such package.
+    async fn delete_package(&self, id: i64, now: DateTime<Utc>) -> Result<bool, sqlx::Error>;
+    async fn find_package(&self, id: i64) -> Result<Option<PackageRow>, sqlx::Error>;
+    /// A page of packages in `sort` order after the keyset position `after` (key, id).
+    async fn list_packages(
+        &self,
+        filter: &PackageFilter,
+        sort: PackageSort,
+        descending: bool,
+        after: Option<(i64, i64)>,
+        limit: i64,
+    ) -> Result<Vec<PackageRow>, sqlx::Error>;
+
+    // Grants and wallets.
+    /// The grants a wallet holds: every grant that can still pay or be paid back into, or be
+    /// activated. Expired and revoked grants stay in the database only.
+    async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error>;
+    /// Assigns a grant in one transaction with its `billing_package_assign` event (and
+    /// `billing_package_activate` when it starts active). The same `external_ref` twice
+    /// assigns once: the second call returns the first grant and `false`.
+    async fn insert_grant(
+        &self,
+        user_id: UserId,
+        grant: &NewGrant,
+        external_ref: Option<&str>,
+        note: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(UserPackageRow, bool), sqlx::Error>;
+    /// Records the user as registered and assigns `grants` (the new-user packages), all in one
+    /// transaction. A user registered before gets nothing: `(false, [])`.
+    async fn register_user(
+        &self,
+        user_id: UserId,
+        grants: &[NewGrant],
+        now: DateTime<Utc>,
+    ) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error>;
+    /// A grant's row by its id alone (admin routes name grants by id).
+    async fn find_user_package(
+        &self,
+        id: UserPackageId,
+    ) -> Result<Option<UserPackageRow>, sqlx::Error>;
+    /// A page of grants, newest first, after the id `before` (exclusive).
+    async fn list_grants(
+        &self,
+        filter: &GrantFilter,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<GrantListRow>, sqlx::Error>;
+    /// The grants that can pay or be activated (pending, active, depleted), with package
+    /// names, in id order; at most `SUMMARY_GRANTS_MAX` + 1, so the caller can tell it was cut.
+    async fn live_grants(&self, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error>;
+    /// Live grants at or past their expiry, soonest first: the expiry schedule.
+    async fn due_expiries(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<(UserId, UserPackageId)>, sqlx::Error>;
+
+    // Committed deductions.
+    async fn find_consumption_by_key(
+        &self,
+        user_id: UserId,
+        key: &str,
+    ) -> Result<Option<StoredConsumption>, sqlx::Error>;
+    async fn find_consumption(
+        &self,
+        user_id: UserId,
+        id: ConsumptionId,
+    ) -> Result<Option<StoredConsumption>, sqlx::Error>;
+    /// Whose consumption this is: refunds by id are routed to that user's wallet.
+    async fn find_consumption_owner(
+        &self,
+        id: ConsumptionId,
+    ) -> Result<Option<UserId>, sqlx::Error>;
+
+    // Reports: reads only. A report that reads more than one statement reads one snapshot.
+    /// One page of consumption records, newest first (`created_at DESC, id DESC`), after the
+    /// keyset position `after`, at most `limit` rows, each with its allocations.
+    async fn list_consumption(
+        &self,
+        filter: &ConsumptionFilter,
+        after: Option<(DateTime<Utc>, i64)>,
+        limit: i64,
+    ) -> Result<Vec<ConsumptionRow>, sqlx::Error>;
+    /// The groups (at most `groups_max`, in report order) and the totals over the whole filter.
+    async fn consumption_statistics(
+        &self,
+        filter: &ConsumptionFilter,
+        group_by: GroupBy,
+        groups_max: i64,
+    ) -> Result<(Vec<StatisticsGroup>, StatisticsSums), sqlx::Error>;
+    /// Counts the rows of `filter` (stopping at `rows_max + 1`) and starts streaming them,
+    /// newest first, from the same snapshot. `Ok(None)` when more than `rows_max` rows match.
+    async fn open_export(
+        &self,
+        filter: &ConsumptionFilter,
+        rows_max: i64,
+    ) -> Result<Option<ConsumptionExport>, sqlx::Error>;
+    /// One page of the audit log, newest first by id, below the id `before`.
+    async fn list_events(
+        &self,
+        filter: &EventFilter,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<EventRow>, sqlx::Error>;
+
+    // Reconciliation (see [`reconcile`] for the formula): reads, and the events it writes.
+    async fn ledger_mismatches(&self, max: usize) -> Result<LedgerCheck, sqlx::Error>;
+    /// At most `max` orphaned allocations, and whether there are more.
+    async fn orphan_allocations(
+        &self,
+        max: usize,
+    ) -> Result<(Vec<OrphanAllocation>, bool), sqlx::Error>;
+    /// Writes one `billing_reconciliation_mismatch` event per (user, payload).
+    async fn insert_mismatch_events(
+        &self,
+        events: &[(i64, serde_json::Value)],
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error>;
+}
+
+/// [`Store::update_action_price`] with a merge that may refuse with the caller's own error:
+/// `Ok(None)` when there is no such action.
+pub async fn update_action_price<E: From<sqlx::Error> + Send>(
+    db: &dyn Store,
+    action_key: &str,
+    now: DateTime<Utc>,
+    merge: impl FnOnce(&ActionPriceRow) -> Result<PriceFields, E> + Send,
+) -> Result<Option<ActionPriceRow>, E> {
+    let mut refused = None;
+    let merged = db
+        .update_action_price(
+            action_key,
+            now,
+            Box::new(|row| keep_refusal(&mut refused, merge(row))),
+        )
+        .await?;
+    merged.resolve(refused)
+}
+
+/// [`Store::update_package`] with a merge that may refuse with the caller's own error:
+/// `Ok(None)` when there is no such package (or it is deleted).
+pub async fn update_package<E: From<sqlx::Error> + Send>(
+    db: &dyn Store,
+    id: i64,
+    now: DateTime<Utc>,
+    merge: impl FnOnce(&PackageRow) -> Result<PackageFields, E> + Send,
+) -> Result<Option<PackageRow>, E> {
+    let mut refused = None;
+    let merged = db
+        .update_package(
+            id,
+            now,
+            Box::new(|row| keep_refusal(&mut refused, merge(row))),
+        )
+        .await?;
+    merged.resolve(refused)
+}
+
+fn keep_refusal<F, E>(refused: &mut Option<E>, merged: Result<F, E>) -> Option<F> {
+    merged.map_err(|error| *refused = Some(error)).ok()
+}
+
+impl<T> Merged<T> {
+    fn resolve<E: From<sqlx::Error>>(self, refused: Option<E>) -> Result<Option<T>, E> {
+        match (self, refused) {
+            (Merged::Updated(row), _) => Ok(Some(row)),
+            (Merged::NotFound, _) => Ok(None),
+            (Merged::Refused, Some(error)) => Err(error),
+            (Merged::Refused, None) => Err(E::from(sqlx::Error::Protocol(
+                "a catalog merge refused without a reason".into(),
+            ))),
+        }
+    }
 }
 
 /// A row of `action_prices`.
@@ -75,14 +353,6 @@ pub(crate) const PACKAGE_COLUMNS: &str = "id, name, description, package_type, c
     duration_days, price_cents, currency, priority, visible, assign_to_new_users, sort_order,
     created_at, updated_at, deleted_at";
 
-pub async fn load_action_prices(pool: &PgPool) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {PRICE_COLUMNS} FROM action_prices ORDER BY action_key"
-    )))
-    .fetch_all(pool)
-    .await
-}
-
 /// A row of `packages`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct PackageRow {
@@ -101,14 +371,6 @@ pub struct PackageRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub deleted_at: Option<DateTime<Utc>>,
-}
-
-pub async fn load_packages(pool: &PgPool) -> Result<Vec<PackageRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {PACKAGE_COLUMNS} FROM packages ORDER BY sort_order, id"
-    )))
-    .fetch_all(pool)
-    .await
 }
 
 /// A grant as the APIs show it: a row of `user_packages`.
@@ -166,183 +428,6 @@ impl UserPackageRow {
     }
 }
 
-/// The grants a wallet holds: every grant that can still pay or be paid back into, or be
-/// activated. Expired and revoked grants stay in the database only.
-pub async fn load_wallet_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
-    let rows: Vec<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
-         WHERE user_id = $1 AND status IN ('pending', 'active', 'depleted')"
-    )))
-    .bind(user_id.get())
-    .fetch_all(pool)
-    .await?;
-    rows.iter()
-        .map(|row| {
-            row.to_grant().ok_or_else(|| {
-                sqlx::Error::Protocol(format!("user_packages row {} is malformed", row.id))
-            })
-        })
-        .collect()
-}
-
-/// Assigns a grant in one transaction with its `billing_package_assign` event (and
-/// `billing_package_activate` when it starts active). The same `external_ref` twice assigns
-/// once: the second call returns the first grant and `false`.
-pub async fn insert_grant(
-    pool: &PgPool,
-    user_id: UserId,
-    grant: &NewGrant,
-    external_ref: Option<&str>,
-    note: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<(UserPackageRow, bool), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    if let Some(row) = insert_grant_in(&mut tx, user_id, grant, external_ref, note, now).await? {
-        tx.commit().await?;
-        return Ok((row, true));
-    }
-    tx.rollback().await?;
-    let existing: UserPackageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE user_id = $1 AND external_ref = $2"
-    )))
-    .bind(user_id.get())
-    .bind(external_ref)
-    .fetch_one(pool)
-    .await?;
-    Ok((existing, false))
-}
-
-/// Inserts a grant and its events inside `tx`; `None` when `external_ref` is already taken.
-async fn insert_grant_in(
-    tx: &mut sqlx::PgConnection,
-    user_id: UserId,
-    grant: &NewGrant,
-    external_ref: Option<&str>,
-    note: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<Option<UserPackageRow>, sqlx::Error> {
-    let inserted: Option<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
-             total_credits, remaining_credits, duration_days, activated_at, expires_at,
-             external_ref, note, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13, $13)
-         ON CONFLICT ON CONSTRAINT user_packages_external_ref DO NOTHING
-         RETURNING {USER_PACKAGE_COLUMNS}"
-    )))
-    .bind(user_id.get())
-    .bind(grant.package_id.get())
-    .bind(grant.source.as_str())
-    .bind(grant.status.as_str())
-    .bind(grant.priority)
-    .bind(grant.unlimited)
-    .bind(grant.total_credits.get())
-    .bind(grant.duration_days)
-    .bind(grant.activated_at)
-    .bind(grant.expires_at)
-    .bind(external_ref)
-    .bind(note)
-    .bind(now)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = inserted else {
-        return Ok(None);
-    };
-    let payload = serde_json::json!({
-        "user_package_id": row.id,
-        "package_id": row.package_id,
-        "source": row.source,
-        "status": row.status,
-        "total_credits": row.total_credits,
-        "unlimited": row.unlimited,
-        "expires_at": row.expires_at,
-        "external_ref": row.external_ref,
-    });
-    let mut kinds = vec!["billing_package_assign"];
-    if grant.status == GrantStatus::Active {
-        kinds.push("billing_package_activate");
-    }
-    for kind in kinds {
-        insert_event(&mut *tx, kind, Some(user_id), &payload, now).await?;
-    }
-    Ok(Some(row))
-}
-
-/// Records the user as registered and assigns `grants` (the new-user packages), all in one
-/// transaction. A user registered before gets nothing: `(false, [])`.
-pub async fn register_user(
-    pool: &PgPool,
-    user_id: UserId,
-    grants: &[NewGrant],
-    now: DateTime<Utc>,
-) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let registered: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO user_registrations (user_id, registered_at) VALUES ($1, $2)
-         ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
-    )
-    .bind(user_id.get())
-    .bind(now)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if registered.is_none() {
-        tx.rollback().await?;
-        return Ok((false, Vec::new()));
-    }
-    let mut rows = Vec::with_capacity(grants.len());
-    for grant in grants {
-        // One per package and user, whatever else assigned that package before.
-        let external_ref = format!("new-user:{}", grant.package_id.get());
-        if let Some(row) =
-            insert_grant_in(&mut tx, user_id, grant, Some(&external_ref), None, now).await?
-        {
-            rows.push(row);
-        }
-    }
-    let package_ids: Vec<i64> = rows.iter().map(|row| row.package_id).collect();
-    insert_event(
-        &mut tx,
-        "billing_user_registered",
-        Some(user_id),
-        &serde_json::json!({ "assigned_package_ids": package_ids }),
-        now,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((true, rows))
-}
-
-/// A grant's row by its id alone (admin routes name grants by id).
-pub async fn find_user_package(
-    pool: &PgPool,
-    id: UserPackageId,
-) -> Result<Option<UserPackageRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE id = $1"
-    )))
-    .bind(id.get())
-    .fetch_optional(pool)
-    .await
-}
-
-pub(crate) async fn insert_event(
-    tx: &mut sqlx::PgConnection,
-    kind: &str,
-    user_id: Option<UserId>,
-    payload: &serde_json::Value,
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO billing_events (kind, user_id, payload, created_at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(kind)
-    .bind(user_id.map(UserId::get))
-    .bind(payload)
-    .bind(now)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
 /// A committed deduction with its allocations: what a replay answers and a refund starts from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredConsumption {
@@ -358,7 +443,7 @@ pub struct StoredConsumption {
 }
 
 #[derive(sqlx::FromRow)]
-struct ConsumptionHead {
+pub(crate) struct ConsumptionHead {
     id: i64,
     user_id: i64,
     credits_cost: i64,
@@ -370,7 +455,7 @@ struct ConsumptionHead {
 }
 
 #[derive(sqlx::FromRow)]
-struct AllocationRow {
+pub(crate) struct AllocationRow {
     user_id: i64,
     consumption_id: i64,
     user_package_id: i64,
@@ -380,14 +465,15 @@ struct AllocationRow {
 }
 
 /// Qualified with `c`, the alias of `consumption_records` wherever these are read.
-const CONSUMPTION_HEAD_COLUMNS: &str = "c.id, c.user_id, c.credits_cost, c.remaining_after,
+pub(crate) const CONSUMPTION_HEAD_COLUMNS: &str =
+    "c.id, c.user_id, c.credits_cost, c.remaining_after,
     c.request_fingerprint, c.status, c.refunded_credits, c.forfeited_credits";
 
-fn credits(amount: i64) -> Result<Credits, sqlx::Error> {
+pub(crate) fn credits(amount: i64) -> Result<Credits, sqlx::Error> {
     Credits::new(amount).ok_or_else(|| sqlx::Error::Protocol(format!("negative credits {amount}")))
 }
 
-fn assemble(
+pub(crate) fn assemble(
     heads: Vec<ConsumptionHead>,
     allocations: Vec<AllocationRow>,
 ) -> Result<Vec<StoredConsumption>, sqlx::Error> {
@@ -421,95 +507,6 @@ fn assemble(
         .collect()
 }
 
-async fn allocations_of(
-    executor: impl sqlx::PgExecutor<'_>,
-    user_ids: &[i64],
-    consumption_ids: &[i64],
-) -> Result<Vec<AllocationRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits, a.refunded_credits,
-                a.forfeited_credits
-         FROM consumption_allocations a
-         JOIN UNNEST($1::bigint[], $2::bigint[]) AS k(user_id, consumption_id)
-           ON a.user_id = k.user_id AND a.consumption_id = k.consumption_id
-         ORDER BY a.user_id, a.consumption_id, a.user_package_id",
-    )
-    .bind(user_ids)
-    .bind(consumption_ids)
-    .fetch_all(executor)
-    .await
-}
-
-/// The committed deductions of these (user, idempotency key) pairs, in no particular order.
-pub async fn find_consumptions_by_keys(
-    conn: &mut sqlx::PgConnection,
-    user_ids: &[i64],
-    keys: &[&str],
-) -> Result<Vec<(String, StoredConsumption)>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct Keyed {
-        idempotency_key: String,
-        #[sqlx(flatten)]
-        head: ConsumptionHead,
-    }
-    let rows: Vec<Keyed> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT c.idempotency_key, {CONSUMPTION_HEAD_COLUMNS}
-         FROM consumption_records c
-         JOIN UNNEST($1::bigint[], $2::text[]) AS k(user_id, idempotency_key)
-           ON c.user_id = k.user_id AND c.idempotency_key = k.idempotency_key"
-    )))
-    .bind(user_ids)
-    .bind(keys)
-    .fetch_all(&mut *conn)
-    .await?;
-    let head_users: Vec<i64> = rows.iter().map(|r| r.head.user_id).collect();
-    let head_ids: Vec<i64> = rows.iter().map(|r| r.head.id).collect();
-    let allocations = allocations_of(&mut *conn, &head_users, &head_ids).await?;
-    let keys: Vec<String> = rows.iter().map(|r| r.idempotency_key.clone()).collect();
-    let stored = assemble(rows.into_iter().map(|r| r.head).collect(), allocations)?;
-    Ok(keys.into_iter().zip(stored).collect())
-}
-
-pub async fn find_consumption_by_key(
-    pool: &PgPool,
-    user_id: UserId,
-    key: &str,
-) -> Result<Option<StoredConsumption>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let found = find_consumptions_by_keys(&mut conn, &[user_id.get()], &[key]).await?;
-    Ok(found.into_iter().next().map(|(_, stored)| stored))
-}
-
-pub async fn find_consumption(
-    pool: &PgPool,
-    user_id: UserId,
-    id: ConsumptionId,
-) -> Result<Option<StoredConsumption>, sqlx::Error> {
-    let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c WHERE c.user_id = $1 AND c.id = $2"
-    )))
-    .bind(user_id.get())
-    .bind(id.get())
-    .fetch_optional(pool)
-    .await?;
-    let Some(head) = head else { return Ok(None) };
-    let allocations = allocations_of(pool, &[head.user_id], &[head.id]).await?;
-    Ok(assemble(vec![head], allocations)?.into_iter().next())
-}
-
-/// Whose consumption this is: refunds by id are routed to that user's wallet.
-pub async fn find_consumption_owner(
-    pool: &PgPool,
-    id: ConsumptionId,
-) -> Result<Option<UserId>, sqlx::Error> {
-    let owner: Option<i64> =
-        sqlx::query_scalar("SELECT user_id FROM consumption_records WHERE id = $1")
-            .bind(id.get())
-            .fetch_optional(pool)
-            .await?;
-    Ok(owner.map(UserId))
-}
-
 /// Parses a stored package type; the database's CHECK makes failure impossible, but a clear
 /// error beats a panic if someone edits the schema by hand.
 pub fn parse_package_type(text: &str) -> Result<PackageType, sqlx::Error> {
@@ -527,7 +524,7 @@ pub struct GrantListRow {
 }
 
 /// `USER_PACKAGE_COLUMNS` qualified by a table alias, for joins.
-fn grant_columns_of(alias: &str) -> String {
+pub(crate) fn grant_columns_of(alias: &str) -> String {
     USER_PACKAGE_COLUMNS
         .split(',')
         .map(|column| format!("{alias}.{}", column.trim()))
@@ -546,15 +543,47 @@ pub struct GrantFilter {
 /// Most grants the credit summary reads for one user.
 pub const SUMMARY_GRANTS_MAX: i64 = 1_000;
 
-/// A page of grants, newest first, after the id `before` (exclusive).
-pub async fn list_grants(
-    pool: &PgPool,
+/// Longest a query waits for a pooled connection: a request that cannot get one in time (the
+/// database is down or saturated) fails with `503`.
+pub const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The wallet's view of its rows; an error names a row the database's CHECKs would not allow.
+pub(crate) fn wallet_grants(rows: &[UserPackageRow]) -> Result<Vec<Grant>, sqlx::Error> {
+    rows.iter()
+        .map(|row| {
+            row.to_grant().ok_or_else(|| {
+                sqlx::Error::Protocol(format!("user_packages row {} is malformed", row.id))
+            })
+        })
+        .collect()
+}
+
+/// What a `billing_package_assign` (and `billing_package_activate`) event records of a grant.
+pub(crate) fn grant_event_payload(row: &UserPackageRow) -> serde_json::Value {
+    serde_json::json!({
+        "user_package_id": row.id,
+        "package_id": row.package_id,
+        "source": row.source,
+        "status": row.status,
+        "total_credits": row.total_credits,
+        "unlimited": row.unlimited,
+        "expires_at": row.expires_at,
+        "external_ref": row.external_ref,
+    })
+}
+
+/// A page of grants with package names, newest first, after the id `before` (exclusive).
+pub(crate) fn grants_query<DB: sqlx::Database>(
     filter: &GrantFilter,
     before: Option<i64>,
     limit: i64,
-) -> Result<Vec<GrantListRow>, sqlx::Error> {
+) -> sqlx::QueryBuilder<DB>
+where
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
     let columns = grant_columns_of("g");
-    let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+    let mut query = sqlx::QueryBuilder::new(format!(
         "SELECT {columns}, p.name AS package_name
          FROM user_packages g JOIN packages p ON p.id = g.package_id WHERE true"
     ));
@@ -571,43 +600,17 @@ pub async fn list_grants(
         query.push(" AND g.id < ").push_bind(before);
     }
     query.push(" ORDER BY g.id DESC LIMIT ").push_bind(limit);
-    query.build_query_as().fetch_all(pool).await
+    query
 }
 
-/// The grants that can pay or be activated (pending, active, depleted), with package names,
-/// in id order; at most `SUMMARY_GRANTS_MAX` + 1, so the caller can tell it was cut.
-pub async fn live_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error> {
-    let columns = grant_columns_of("g");
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {columns}, p.name AS package_name
-         FROM user_packages g JOIN packages p ON p.id = g.package_id
-         WHERE g.user_id = $1 AND g.status IN ('pending', 'active', 'depleted')
-         ORDER BY g.id LIMIT $2"
-    )))
-    .bind(user_id.get())
-    .bind(SUMMARY_GRANTS_MAX + 1)
-    .fetch_all(pool)
-    .await
-}
+/// Live grants at or past their expiry (`$1`), soonest first, at most `$2`: the expiry
+/// schedule, read through the `user_packages_live_expiry` index (only due rows are touched).
+pub(crate) const DUE_EXPIRIES_SQL: &str = "SELECT user_id, id FROM user_packages
+     WHERE status IN ('active', 'depleted') AND expires_at <= $1
+     ORDER BY expires_at, id LIMIT $2";
 
-/// Live grants at or past their expiry, soonest first: the expiry schedule, read through the
-/// `user_packages_live_expiry` index (only due rows are touched, not every user).
-pub async fn due_expiries(
-    pool: &PgPool,
-    now: DateTime<Utc>,
-    limit: i64,
-) -> Result<Vec<(UserId, UserPackageId)>, sqlx::Error> {
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT user_id, id FROM user_packages
-         WHERE status IN ('active', 'depleted') AND expires_at <= $1
-         ORDER BY expires_at, id LIMIT $2",
-    )
-    .bind(now)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
+pub(crate) fn expiry_keys(rows: Vec<(i64, i64)>) -> Vec<(UserId, UserPackageId)> {
+    rows.into_iter()
         .map(|(user_id, id)| (UserId(user_id), UserPackageId(id)))
-        .collect())
+        .collect()
 }

@@ -22,37 +22,54 @@
 //!
 //! An unlimited grant keeps `total = remaining = expired = 0` (a table CHECK) and only the first
 //! identity applies. This is the one definition of a balanced ledger: the tests' helper calls
-//! [`ledger_mismatches`] too.
+//! `Store::ledger_mismatches` too.
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
 
 /// The grants whose stored balance disagrees with the ledger formula above, with the count of
-/// grants checked. Read in one statement, so it sees one snapshot: a batch the writer commits
-/// meanwhile is either wholly in it or wholly not.
-const LEDGER_MISMATCHES_SQL: &str = "
+/// grants checked (in SQL that both backends run). Read in one statement, so it sees one
+/// snapshot: a batch the writer commits meanwhile is either wholly in it or wholly not.
+pub(crate) const LEDGER_MISMATCHES_SQL: &str = "
 WITH ledger AS (
     SELECT g.user_id, g.id, g.status, g.unlimited, g.total_credits, g.used_credits,
            g.remaining_credits, g.expired_credits,
-           COALESCE(SUM(a.credits - a.refunded_credits), 0)::bigint AS ledger_used_credits
+           CAST(COALESCE(SUM(a.credits - a.refunded_credits), 0) AS BIGINT) AS ledger_used_credits
     FROM user_packages g
     LEFT JOIN consumption_allocations a ON a.user_id = g.user_id AND a.user_package_id = g.id
     GROUP BY g.user_id, g.id
 ),
-checked AS (SELECT count(*)::bigint AS checked_grants FROM ledger)
-SELECT c.checked_grants, m.user_id, m.id, m.status, m.unlimited, m.total_credits,
-       m.used_credits, m.remaining_credits, m.expired_credits, m.ledger_used_credits
-FROM checked c
-LEFT JOIN LATERAL (
+checked AS (SELECT CAST(count(*) AS BIGINT) AS checked_grants FROM ledger),
+mismatched AS (
     SELECT * FROM ledger l
     WHERE l.used_credits <> l.ledger_used_credits
        OR (NOT l.unlimited
            AND l.total_credits <> l.ledger_used_credits + l.remaining_credits + l.expired_credits)
     ORDER BY l.user_id, l.id
     LIMIT $1
-) m ON true
+)
+SELECT c.checked_grants, m.user_id, m.id, m.status, m.unlimited, m.total_credits,
+       m.used_credits, m.remaining_credits, m.expired_credits, m.ledger_used_credits
+FROM checked c
+LEFT JOIN mismatched m ON true
 ORDER BY m.user_id, m.id";
+
+/// Allocations whose consumption record or grant does not exist: what the dropped foreign keys
+/// of `consumption_allocations` used to forbid (PostgreSQL migration 0002; the SQLite schema
+/// never had them). The batch writer never makes one, so any is a bug or a hand edit.
+pub(crate) const ORPHAN_ALLOCATIONS_SQL: &str = "
+SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits,
+       c.id IS NULL AS consumption_missing, g.id IS NULL AS grant_missing
+FROM consumption_allocations a
+LEFT JOIN consumption_records c ON c.user_id = a.user_id AND c.id = a.consumption_id
+LEFT JOIN user_packages g ON g.user_id = a.user_id AND g.id = a.user_package_id
+WHERE c.id IS NULL OR g.id IS NULL
+ORDER BY a.user_id, a.consumption_id, a.user_package_id
+LIMIT $1";
+
+/// The `LIMIT` that reads one row more than `max`, so a cut list can tell it was cut.
+pub(crate) fn limit_past(max: usize) -> i64 {
+    i64::try_from(max).unwrap_or(i64::MAX - 1).saturating_add(1)
+}
 
 /// A grant whose stored balance disagrees with its allocations.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -83,7 +100,7 @@ pub struct LedgerCheck {
 }
 
 #[derive(sqlx::FromRow)]
-struct LedgerRow {
+pub(crate) struct LedgerRow {
     checked_grants: i64,
     user_id: Option<i64>,
     id: Option<i64>,
@@ -96,8 +113,34 @@ struct LedgerRow {
     ledger_used_credits: Option<i64>,
 }
 
+impl LedgerCheck {
+    /// The check of the rows [`LEDGER_MISMATCHES_SQL`] answered with `LIMIT limit_past(max)`.
+    pub(crate) fn of(rows: Vec<LedgerRow>, max: usize) -> LedgerCheck {
+        let checked_grants = rows.first().map_or(0, |row| row.checked_grants);
+        let mut mismatches: Vec<LedgerMismatch> =
+            rows.into_iter().filter_map(LedgerRow::mismatch).collect();
+        let truncated = mismatches.len() > max;
+        mismatches.truncate(max);
+        LedgerCheck {
+            checked_grants,
+            mismatches,
+            truncated,
+        }
+    }
+}
+
+/// At most `max` of `orphans` (read with `LIMIT limit_past(max)`), and whether there are more.
+pub(crate) fn cut_orphans(
+    mut orphans: Vec<OrphanAllocation>,
+    max: usize,
+) -> (Vec<OrphanAllocation>, bool) {
+    let truncated = orphans.len() > max;
+    orphans.truncate(max);
+    (orphans, truncated)
+}
+
 impl LedgerRow {
-    /// `None` for the lone row of a check that found nothing (the lateral join's empty side).
+    /// `None` for the lone row of a check that found nothing (the outer join's empty side).
     fn mismatch(self) -> Option<LedgerMismatch> {
         let used_credits = self.used_credits?;
         let ledger_used_credits = self.ledger_used_credits?;
@@ -116,42 +159,6 @@ impl LedgerRow {
     }
 }
 
-/// Checks every grant against its allocations; reports at most `max` mismatches. Reads only.
-///
-/// It scans all grants and allocations (a hash aggregate over `consumption_allocations`): meant
-/// for a periodic job and an operator's request, not a hot path.
-#[tracing::instrument(skip(pool))]
-pub async fn ledger_mismatches(pool: &PgPool, max: usize) -> Result<LedgerCheck, sqlx::Error> {
-    let limit = i64::try_from(max).unwrap_or(i64::MAX - 1);
-    let rows: Vec<LedgerRow> = sqlx::query_as(LEDGER_MISMATCHES_SQL)
-        .bind(limit.saturating_add(1))
-        .fetch_all(pool)
-        .await?;
-    let checked_grants = rows.first().map_or(0, |row| row.checked_grants);
-    let mut mismatches: Vec<LedgerMismatch> =
-        rows.into_iter().filter_map(LedgerRow::mismatch).collect();
-    let truncated = mismatches.len() > max;
-    mismatches.truncate(max);
-    Ok(LedgerCheck {
-        checked_grants,
-        mismatches,
-        truncated,
-    })
-}
-
-/// Allocations whose consumption record or grant does not exist: what the dropped foreign keys
-/// of `consumption_allocations` used to forbid (migration 0002). The batch writer never makes
-/// one, so any is a bug or a hand edit.
-const ORPHAN_ALLOCATIONS_SQL: &str = "
-SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits,
-       c.id IS NULL AS consumption_missing, g.id IS NULL AS grant_missing
-FROM consumption_allocations a
-LEFT JOIN consumption_records c ON c.user_id = a.user_id AND c.id = a.consumption_id
-LEFT JOIN user_packages g ON g.user_id = a.user_id AND g.id = a.user_package_id
-WHERE c.id IS NULL OR g.id IS NULL
-ORDER BY a.user_id, a.consumption_id, a.user_package_id
-LIMIT $1";
-
 /// An allocation that names a consumption record or a grant that does not exist.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct OrphanAllocation {
@@ -163,48 +170,5 @@ pub struct OrphanAllocation {
     pub grant_missing: bool,
 }
 
-/// At most `max` orphaned allocations, and whether there are more. Reads only; scans every
-/// allocation, like [`ledger_mismatches`].
-#[tracing::instrument(skip(pool))]
-pub async fn orphan_allocations(
-    pool: &PgPool,
-    max: usize,
-) -> Result<(Vec<OrphanAllocation>, bool), sqlx::Error> {
-    let limit = i64::try_from(max).unwrap_or(i64::MAX - 1);
-    let mut orphans: Vec<OrphanAllocation> = sqlx::query_as(ORPHAN_ALLOCATIONS_SQL)
-        .bind(limit.saturating_add(1))
-        .fetch_all(pool)
-        .await?;
-    let truncated = orphans.len() > max;
-    orphans.truncate(max);
-    Ok((orphans, truncated))
-}
-
 /// Kind of the audit event a reconciliation mismatch is written as.
 pub const MISMATCH_EVENT_KIND: &str = "billing_reconciliation_mismatch";
-
-/// Writes one `billing_reconciliation_mismatch` event per (user, payload), in one statement.
-/// Never touches a balance: reconciliation reports, it does not fix.
-pub async fn insert_mismatch_events(
-    pool: &PgPool,
-    events: &[(i64, serde_json::Value)],
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let user_ids: Vec<i64> = events.iter().map(|(user_id, _)| *user_id).collect();
-    let payloads: Vec<serde_json::Value> =
-        events.iter().map(|(_, payload)| payload.clone()).collect();
-    sqlx::query(
-        "INSERT INTO billing_events (kind, user_id, payload, created_at)
-         SELECT $1, u, p, $4 FROM UNNEST($2::bigint[], $3::jsonb[]) AS e(u, p)",
-    )
-    .bind(MISMATCH_EVENT_KIND)
-    .bind(&user_ids)
-    .bind(&payloads)
-    .bind(now)
-    .execute(pool)
-    .await?;
-    Ok(())
-}

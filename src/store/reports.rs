@@ -1,17 +1,19 @@
 //! Read-only queries behind the reports: consumption lists, statistics, exports, the audit log.
 //!
-//! Filters are appended with `QueryBuilder::push_bind`, so a value from a query string never
-//! becomes SQL text; the only text pushed is fixed fragments of this module. Queries that read
-//! more than one statement (a page and its allocations, groups and their totals, an export and
-//! its row count) run in one `REPEATABLE READ READ ONLY` transaction, so the parts agree even
-//! while deductions and refunds commit.
+//! The queries are built here, for either backend: filters are appended with
+//! `QueryBuilder::push_bind`, so a value from a query string never becomes SQL text; the only
+//! text pushed is fixed fragments of this module and of the backends' report modules. Queries
+//! that read more than one statement (a page and its allocations, groups and their totals, an
+//! export and its row count) read one snapshot, so the parts agree even while deductions and
+//! refunds commit.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Transaction};
-use tokio_stream::Stream;
+use sqlx::{Database, Encode, QueryBuilder, Type};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::domain::UserId;
 
@@ -31,7 +33,12 @@ pub struct ConsumptionFilter {
 impl ConsumptionFilter {
     /// Appends ` WHERE ...` (or nothing) for this filter to a query over `consumption_records`;
     /// the answer glues on further conditions.
-    fn push_where(&self, query: &mut QueryBuilder<Postgres>) -> Glue {
+    fn push_where<DB: Database>(&self, query: &mut QueryBuilder<DB>) -> Glue
+    where
+        i64: for<'t> Encode<'t, DB> + Type<DB>,
+        String: for<'t> Encode<'t, DB> + Type<DB>,
+        DateTime<Utc>: for<'t> Encode<'t, DB> + Type<DB>,
+    {
         let mut glue = Glue::default();
         if let Some(user_id) = self.user_id {
             query.push(glue.next()).push("user_id = ");
@@ -98,7 +105,7 @@ pub struct ConsumptionRow {
     pub allocations: Vec<AllocationRow>,
 }
 
-const CONSUMPTION_COLUMNS: &str = "SELECT id, user_id, action_key, quantity, unit_cost, \
+pub(crate) const CONSUMPTION_COLUMNS: &str = "SELECT id, user_id, action_key, quantity, unit_cost, \
     credits_cost, price_version, idempotency_key, status, refunded_credits, forfeited_credits, \
     refund_reason, refunded_at, metadata, created_at FROM consumption_records";
 
@@ -111,76 +118,6 @@ pub struct AllocationRow {
     pub credits: i64,
     pub refunded_credits: i64,
     pub forfeited_credits: i64,
-}
-
-/// Opens a read-only transaction whose statements all see one snapshot.
-async fn snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *tx)
-        .await?;
-    Ok(tx)
-}
-
-/// One page of consumption records, newest first (`created_at DESC, id DESC`), starting after
-/// the keyset position `after`, at most `limit` rows, each with its allocations.
-#[tracing::instrument(skip_all, fields(limit = limit))]
-pub async fn list_consumption(
-    pool: &PgPool,
-    filter: &ConsumptionFilter,
-    after: Option<(DateTime<Utc>, i64)>,
-    limit: i64,
-) -> Result<Vec<ConsumptionRow>, sqlx::Error> {
-    let mut query = QueryBuilder::new(CONSUMPTION_COLUMNS);
-    let mut glue = filter.push_where(&mut query);
-    if let Some((at, id)) = after {
-        query.push(glue.next()).push("(created_at, id) < (");
-        query.push_bind(at).push(", ").push_bind(id).push(")");
-    }
-    query.push(" ORDER BY created_at DESC, id DESC LIMIT ");
-    query.push_bind(limit);
-
-    let mut tx = snapshot(pool).await?;
-    let mut rows: Vec<ConsumptionRow> = query.build_query_as().fetch_all(&mut *tx).await?;
-    attach_allocations(&mut tx, &mut rows).await?;
-    tx.commit().await?;
-    Ok(rows)
-}
-
-/// Loads the allocations of every row of a page in one statement.
-async fn attach_allocations(
-    conn: &mut PgConnection,
-    rows: &mut [ConsumptionRow],
-) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let user_ids: Vec<i64> = rows.iter().map(|row| row.user_id).collect();
-    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
-    let allocations: Vec<AllocationRow> = sqlx::query_as(
-        "SELECT a.consumption_id, a.user_package_id, a.credits, a.refunded_credits,
-                a.forfeited_credits
-         FROM consumption_allocations a
-         JOIN UNNEST($1::bigint[], $2::bigint[]) AS page (user_id, consumption_id)
-           ON a.user_id = page.user_id AND a.consumption_id = page.consumption_id
-         ORDER BY a.consumption_id, a.user_package_id",
-    )
-    .bind(&user_ids)
-    .bind(&ids)
-    .fetch_all(conn)
-    .await?;
-    // Consumption ids are unique across users, so the id alone finds the row.
-    let index: HashMap<i64, usize> = rows
-        .iter()
-        .enumerate()
-        .map(|(position, row)| (row.id, position))
-        .collect();
-    for allocation in allocations {
-        if let Some(&position) = index.get(&allocation.consumption_id) {
-            rows[position].allocations.push(allocation);
-        }
-    }
-    Ok(())
 }
 
 /// How statistics group their records.
@@ -218,98 +155,11 @@ pub struct StatisticsSums {
     pub distinct_users: i64,
 }
 
-const SUMS_COLUMNS: &str = "COUNT(*)::bigint AS records, \
-    COALESCE(SUM(credits_cost), 0)::bigint AS credits, \
-    COALESCE(SUM(refunded_credits), 0)::bigint AS refunded_credits, \
-    COALESCE(SUM(credits_cost - refunded_credits), 0)::bigint AS net_credits, \
-    COUNT(DISTINCT user_id)::bigint AS distinct_users";
-
-/// The groups (at most `groups_max`, in report order) and the totals over the whole filter.
-#[tracing::instrument(skip_all, fields(group_by = ?group_by))]
-pub async fn consumption_statistics(
-    pool: &PgPool,
-    filter: &ConsumptionFilter,
-    group_by: GroupBy,
-    groups_max: i64,
-) -> Result<(Vec<StatisticsGroup>, StatisticsSums), sqlx::Error> {
-    let (key_columns, group_and_order) = match group_by {
-        GroupBy::Day => (
-            "(created_at AT TIME ZONE 'UTC')::date AS day, NULL::text AS action_key, ",
-            " GROUP BY 1 ORDER BY 1 ASC",
-        ),
-        GroupBy::ActionKey => (
-            "NULL::date AS day, action_key, ",
-            " GROUP BY action_key ORDER BY credits DESC, action_key ASC",
-        ),
-    };
-    let mut groups_query = QueryBuilder::new("SELECT ");
-    groups_query
-        .push(key_columns)
-        .push(SUMS_COLUMNS)
-        .push(" FROM consumption_records");
-    filter.push_where(&mut groups_query);
-    groups_query.push(group_and_order).push(" LIMIT ");
-    groups_query.push_bind(groups_max);
-
-    let mut totals_query = QueryBuilder::new("SELECT ");
-    totals_query
-        .push(SUMS_COLUMNS)
-        .push(" FROM consumption_records");
-    filter.push_where(&mut totals_query);
-
-    let mut tx = snapshot(pool).await?;
-    let groups = groups_query.build_query_as().fetch_all(&mut *tx).await?;
-    let totals = totals_query.build_query_as().fetch_one(&mut *tx).await?;
-    tx.commit().await?;
-    Ok((groups, totals))
-}
-
-/// A consumption export: a snapshot transaction and the query it streams, newest first.
-/// Holding the snapshot keeps the streamed rows equal to the rows counted when it opened.
-pub struct ConsumptionExport {
-    tx: Transaction<'static, Postgres>,
-    query: QueryBuilder<Postgres>,
-    /// Rows the export will stream.
-    pub rows: i64,
-}
-
-impl ConsumptionExport {
-    /// Counts the rows of `filter` (stopping at `rows_max + 1`, so a huge table is not
-    /// counted to its end) and prepares their query. `Ok(None)` when more than `rows_max`
-    /// rows match.
-    #[tracing::instrument(skip_all)]
-    pub async fn open(
-        pool: &PgPool,
-        filter: &ConsumptionFilter,
-        rows_max: i64,
-    ) -> Result<Option<ConsumptionExport>, sqlx::Error> {
-        let mut count_query =
-            QueryBuilder::new("SELECT COUNT(*)::bigint FROM (SELECT 1 FROM consumption_records");
-        filter.push_where(&mut count_query);
-        count_query.push(" LIMIT ");
-        count_query.push_bind(rows_max.saturating_add(1));
-        count_query.push(") AS bounded");
-
-        let mut tx = snapshot(pool).await?;
-        let rows: i64 = count_query.build_query_scalar().fetch_one(&mut *tx).await?;
-        if rows > rows_max {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        let mut query = QueryBuilder::new(CONSUMPTION_COLUMNS);
-        filter.push_where(&mut query);
-        query.push(" ORDER BY created_at DESC, id DESC LIMIT ");
-        query.push_bind(rows_max);
-        Ok(Some(ConsumptionExport { tx, query, rows }))
-    }
-
-    /// The rows, streamed from the database as they arrive (allocations are left empty).
-    pub fn stream(
-        &mut self,
-    ) -> impl Stream<Item = Result<ConsumptionRow, sqlx::Error>> + Send + '_ {
-        self.query.build_query_as().fetch(&mut *self.tx)
-    }
-}
+const SUMS_COLUMNS: &str = "CAST(COUNT(*) AS BIGINT) AS records, \
+    CAST(COALESCE(SUM(credits_cost), 0) AS BIGINT) AS credits, \
+    CAST(COALESCE(SUM(refunded_credits), 0) AS BIGINT) AS refunded_credits, \
+    CAST(COALESCE(SUM(credits_cost - refunded_credits), 0) AS BIGINT) AS net_credits, \
+    CAST(COUNT(DISTINCT user_id) AS BIGINT) AS distinct_users";
 
 /// A row of the audit log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -331,14 +181,166 @@ pub struct EventFilter {
     pub to: Option<DateTime<Utc>>,
 }
 
-/// One page of the audit log, newest first by id, starting below the id `before`.
-#[tracing::instrument(skip_all, fields(limit = limit))]
-pub async fn list_events(
-    pool: &PgPool,
+/// The query of one page of consumption records, newest first (`created_at DESC, id DESC`),
+/// after the keyset position `after`.
+pub(crate) fn consumption_page_query<DB: Database>(
+    filter: &ConsumptionFilter,
+    after: Option<(DateTime<Utc>, i64)>,
+    limit: i64,
+) -> QueryBuilder<DB>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+    DateTime<Utc>: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut query = QueryBuilder::new(CONSUMPTION_COLUMNS);
+    let mut glue = filter.push_where(&mut query);
+    if let Some((at, id)) = after {
+        query.push(glue.next()).push("(created_at, id) < (");
+        query.push_bind(at).push(", ").push_bind(id).push(")");
+    }
+    query.push(" ORDER BY created_at DESC, id DESC LIMIT ");
+    query.push_bind(limit);
+    query
+}
+
+/// Hands each allocation to its row of the page.
+pub(crate) fn attach(rows: &mut [ConsumptionRow], allocations: Vec<AllocationRow>) {
+    // Consumption ids are unique across users, so the id alone finds the row.
+    let index: HashMap<i64, usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(position, row)| (row.id, position))
+        .collect();
+    for allocation in allocations {
+        if let Some(&position) = index.get(&allocation.consumption_id) {
+            rows[position].allocations.push(allocation);
+        }
+    }
+}
+
+/// The SQL of a statistics group's key in one backend: the UTC date of `created_at` (as
+/// `day`) and a null `action_key`, or the other way round.
+pub(crate) struct GroupKeys {
+    pub by_day: &'static str,
+    pub by_action_key: &'static str,
+}
+
+/// The statistics' queries: the groups (at most `groups_max`, in report order), and the totals
+/// over the whole filter.
+pub(crate) fn statistics_queries<DB: Database>(
+    filter: &ConsumptionFilter,
+    group_by: GroupBy,
+    groups_max: i64,
+    keys: &GroupKeys,
+) -> (QueryBuilder<DB>, QueryBuilder<DB>)
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+    DateTime<Utc>: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let (key_columns, group_and_order) = match group_by {
+        GroupBy::Day => (keys.by_day, " GROUP BY 1 ORDER BY 1 ASC"),
+        GroupBy::ActionKey => (
+            keys.by_action_key,
+            " GROUP BY action_key ORDER BY credits DESC, action_key ASC",
+        ),
+    };
+    let mut groups_query = QueryBuilder::new("SELECT ");
+    groups_query
+        .push(key_columns)
+        .push(SUMS_COLUMNS)
+        .push(" FROM consumption_records");
+    filter.push_where(&mut groups_query);
+    groups_query.push(group_and_order).push(" LIMIT ");
+    groups_query.push_bind(groups_max);
+
+    let mut totals_query = QueryBuilder::new("SELECT ");
+    totals_query
+        .push(SUMS_COLUMNS)
+        .push(" FROM consumption_records");
+    filter.push_where(&mut totals_query);
+    (groups_query, totals_query)
+}
+
+/// Counts the rows of an export, stopping at `rows_max + 1` so a huge table is not counted to
+/// its end.
+pub(crate) fn export_count_query<DB: Database>(
+    filter: &ConsumptionFilter,
+    rows_max: i64,
+) -> QueryBuilder<DB>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+    DateTime<Utc>: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut query = QueryBuilder::new(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM consumption_records",
+    );
+    filter.push_where(&mut query);
+    query.push(" LIMIT ");
+    query.push_bind(rows_max.saturating_add(1));
+    query.push(") AS bounded");
+    query
+}
+
+/// The rows of an export, newest first.
+pub(crate) fn export_query<DB: Database>(
+    filter: &ConsumptionFilter,
+    rows_max: i64,
+) -> QueryBuilder<DB>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+    DateTime<Utc>: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut query = QueryBuilder::new(CONSUMPTION_COLUMNS);
+    filter.push_where(&mut query);
+    query.push(" ORDER BY created_at DESC, id DESC LIMIT ");
+    query.push_bind(rows_max);
+    query
+}
+
+/// Rows an export's reader holds before it waits for the response to take them.
+pub(crate) const EXPORT_ROWS_BUFFERED: usize = 512;
+
+/// A consumption export: the rows counted when it opened, and a stream of exactly those rows
+/// (allocations left empty), newest first. A task holds the snapshot the rows are read from
+/// until the stream ends or is dropped.
+pub struct ConsumptionExport {
+    /// Rows the export will stream.
+    pub rows: i64,
+    stream: ReceiverStream<Result<ConsumptionRow, sqlx::Error>>,
+}
+
+impl ConsumptionExport {
+    pub(crate) fn new(
+        rows: i64,
+        receiver: mpsc::Receiver<Result<ConsumptionRow, sqlx::Error>>,
+    ) -> ConsumptionExport {
+        ConsumptionExport {
+            rows,
+            stream: ReceiverStream::new(receiver),
+        }
+    }
+
+    /// The rows, as the database yields them.
+    pub fn stream(&mut self) -> &mut ReceiverStream<Result<ConsumptionRow, sqlx::Error>> {
+        &mut self.stream
+    }
+}
+
+/// One page of the audit log, newest first by id, below the id `before`.
+pub(crate) fn events_query<DB: Database>(
     filter: &EventFilter,
     before: Option<i64>,
     limit: i64,
-) -> Result<Vec<EventRow>, sqlx::Error> {
+) -> QueryBuilder<DB>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+    DateTime<Utc>: for<'t> Encode<'t, DB> + Type<DB>,
+{
     let mut query =
         QueryBuilder::new("SELECT id, kind, user_id, payload, created_at FROM billing_events");
     let mut glue = Glue::default();
@@ -364,5 +366,5 @@ pub async fn list_events(
     }
     query.push(" ORDER BY id DESC LIMIT ");
     query.push_bind(limit);
-    query.build_query_as().fetch_all(pool).await
+    query
 }

@@ -1,8 +1,9 @@
-//! The batch writer: the one place the deduct path writes to PostgreSQL.
+//! The batch writer: the one place the deduct path writes to the database.
 //!
 //! Wallets apply a deduction or refund in memory and hand the effect, with the caller's reply
 //! port, to the writer lane of their user. A lane takes whatever is queued (up to `batch_max`),
-//! commits it in one transaction of a handful of array (`UNNEST`) statements, and only then
+//! commits it in one transaction of a handful of statements (see [`BatchDialect`]: array
+//! `UNNEST` statements on PostgreSQL, prepared per-row statements on SQLite), and only then
 //! answers the callers and reports back to the wallets. The next batch starts with whatever
 //! queued while this one committed: group commit without a fixed sleep.
 //!
@@ -19,8 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use ractor::{ActorId, ActorRef};
 use serde_json::json;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{Connection, PgPool};
+use sqlx::{Connection, Pool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +29,7 @@ use crate::domain::{
 };
 use crate::error::EngineError;
 use crate::metrics;
-use crate::store::{self, StoredConsumption, UserPackageRow};
+use crate::store::{StoredConsumption, UserPackageRow};
 use crate::wallet::{
     DeductAnswer, DeductOutcome, DeductRequest, RefundAnswer, RefundOutcome, Reply, SettleOnDrop,
     Settlement, WalletMsg, original_answer,
@@ -178,8 +178,8 @@ pub struct WriterLimits {
 /// work on the main runtime: measured, that is +46% deducts/s under uniform load on 2 cores.
 /// A lane drains its queue and stops when `stop` fires or `pool` is closed (the engine, or a
 /// test harness that owns the database, is done with it). `tracker` waits for the lanes.
-pub fn spawn_lanes(
-    pool: PgPool,
+pub(crate) fn spawn_lanes<D: BatchDialect>(
+    pool: Pool<D::Db>,
     limits: WriterLimits,
     stop: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
@@ -187,7 +187,7 @@ pub fn spawn_lanes(
     let mut lanes = Vec::with_capacity(limits.lanes.max(1));
     for index in 0..limits.lanes.max(1) {
         let (sender, receiver) = mpsc::channel(limits.queue_max.max(1));
-        let lane = Lane {
+        let lane = Lane::<D> {
             queue: receiver,
             engine_pool: pool.clone(),
             batch_max: limits.batch_max.max(1),
@@ -219,19 +219,19 @@ pub fn spawn_lanes(
     })
 }
 
-struct Lane {
+struct Lane<D: BatchDialect> {
     queue: mpsc::Receiver<Envelope>,
     /// The engine's pool: the lane's own connection is made with its options, and its closing
     /// stops the lane.
-    engine_pool: PgPool,
+    engine_pool: Pool<D::Db>,
     batch_max: usize,
     stop: CancellationToken,
 }
 
-impl Lane {
+impl<D: BatchDialect> Lane<D> {
     async fn run(mut self) {
         // Made here, so the connection's socket is driven by this thread's runtime.
-        let mut connection = LaneConnection {
+        let mut connection = LaneConnection::<D> {
             options: (*self.engine_pool.connect_options()).clone(),
             connect_timeout: self.engine_pool.options().get_acquire_timeout(),
             open: None,
@@ -269,22 +269,21 @@ impl Lane {
 /// A lane's one connection, held rather than pooled (a pool pings a connection when it is
 /// returned and again when it is taken: two more round trips per batch), and made anew after
 /// a batch whose connection failed.
-struct LaneConnection {
-    options: PgConnectOptions,
+struct LaneConnection<D: BatchDialect> {
+    options: <Conn<D> as Connection>::Options,
     connect_timeout: Duration,
-    open: Option<PgConnection>,
+    open: Option<Conn<D>>,
 }
 
-impl LaneConnection {
-    async fn get(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+impl<D: BatchDialect> LaneConnection<D> {
+    async fn get(&mut self) -> Result<&mut Conn<D>, sqlx::Error> {
         let connection = match self.open.take() {
             Some(connection) => connection,
-            None => tokio::time::timeout(
-                self.connect_timeout,
-                PgConnection::connect_with(&self.options),
-            )
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)??,
+            None => {
+                tokio::time::timeout(self.connect_timeout, Conn::<D>::connect_with(&self.options))
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??
+            }
         };
         Ok(self.open.insert(connection))
     }
@@ -324,7 +323,11 @@ enum Applied {
     GrantChanged(Box<UserPackageRow>),
 }
 
-async fn process(connection: &mut LaneConnection, ids: &mut IdBlock, batch: Vec<Envelope>) {
+async fn process<D: BatchDialect>(
+    connection: &mut LaneConnection<D>,
+    ids: &mut IdBlock,
+    batch: Vec<Envelope>,
+) {
     // Effects computed on memory that a failed batch invalidated are never written.
     let (live, stale): (Vec<_>, Vec<_>) = batch
         .into_iter()
@@ -340,7 +343,7 @@ async fn process(connection: &mut LaneConnection, ids: &mut IdBlock, batch: Vec<
     if !live.is_empty() {
         let started = Instant::now();
         let committed = match connection.get().await {
-            Ok(open) => commit(open, ids, &live).await,
+            Ok(open) => commit::<D>(open, ids, &live).await,
             Err(error) => Err(CommitError::RolledBack(error)),
         };
         if let Err(error) = &committed {
@@ -542,7 +545,7 @@ fn settle(
     }
 }
 
-/// Consumption ids reserved from `consumption_id_blocks`: [next, end).
+/// Consumption ids reserved from the backend's block sequence: [next, end).
 #[derive(Default)]
 struct IdBlock {
     next: i64,
@@ -550,17 +553,15 @@ struct IdBlock {
 }
 
 impl IdBlock {
-    async fn take(
+    async fn take<D: BatchDialect>(
         &mut self,
-        connection: &mut PgConnection,
+        connection: &mut Conn<D>,
         count: usize,
     ) -> Result<Vec<i64>, sqlx::Error> {
         let mut ids = Vec::with_capacity(count);
         while ids.len() < count {
             if self.next == self.end {
-                let block: i64 = sqlx::query_scalar("SELECT nextval('consumption_id_blocks')")
-                    .fetch_one(&mut *connection)
-                    .await?;
+                let block = D::next_id_block(connection).await?;
                 self.next = block * CONSUMPTION_ID_BLOCK;
                 self.end = self.next + CONSUMPTION_ID_BLOCK;
             }
@@ -571,27 +572,105 @@ impl IdBlock {
     }
 }
 
+/// A connection of backend `D`'s database.
+pub(crate) type Conn<D> = <<D as BatchDialect>::Db as sqlx::Database>::Connection;
+
+/// The statements of a batch, in one backend's SQL. [`commit`] runs them in this order inside
+/// one transaction; any error rolls the whole batch back. Implemented by
+/// `store::postgres::batch` (array `UNNEST` statements) and `store::sqlite::batch` (prepared
+/// statements per row, which an in-process database runs without round trips).
+pub(crate) trait BatchDialect: Send + 'static {
+    type Db: sqlx::Database;
+    /// Opens the batch's transaction.
+    const BEGIN: &'static str;
+
+    /// The next block of consumption ids (each block holds [`CONSUMPTION_ID_BLOCK`] ids).
+    async fn next_id_block(connection: &mut Conn<Self>) -> Result<i64, sqlx::Error>;
+
+    /// Inserts the deductions; a row whose (user, idempotency key) already exists is skipped.
+    /// Answers the ids that were inserted.
+    async fn insert_consumptions(
+        tx: &mut Conn<Self>,
+        rows: &DeductColumns,
+    ) -> Result<HashSet<i64>, sqlx::Error>;
+
+    /// The committed deductions of these (user, idempotency key) pairs.
+    async fn find_consumptions_by_keys(
+        tx: &mut Conn<Self>,
+        user_ids: &[i64],
+        keys: &[&str],
+    ) -> Result<Vec<(String, StoredConsumption)>, sqlx::Error>;
+
+    async fn insert_allocations(
+        tx: &mut Conn<Self>,
+        rows: &AllocationColumns,
+    ) -> Result<(), sqlx::Error>;
+
+    /// Marks the consumptions refunded and records, per allocation, what came back and what
+    /// was forfeited. A consumption that is no longer `completed` fails the batch: its wallet
+    /// computed the refund on memory the database does not share, so the wallet must reload.
+    async fn write_refunds(
+        tx: &mut Conn<Self>,
+        refunds: &[&RefundEffect],
+    ) -> Result<(), sqlx::Error>;
+
+    /// Adds each delta to its grant's `used_credits` (taking it from `remaining_credits` for a
+    /// limited grant, whose status follows); answers the rows updated.
+    async fn apply_grant_deltas(
+        tx: &mut Conn<Self>,
+        deltas: &GrantDeltas,
+    ) -> Result<u64, sqlx::Error>;
+
+    /// Applies one grant change and returns the grant's row as it now stands, with the credits
+    /// it voided. The status guard makes a change the database does not expect fail the batch:
+    /// the wallet then reloads.
+    async fn write_grant_change(
+        tx: &mut Conn<Self>,
+        effect: &GrantEffect,
+    ) -> Result<(UserPackageRow, i64), sqlx::Error>;
+
+    async fn insert_events(tx: &mut Conn<Self>, events: &Events) -> Result<(), sqlx::Error>;
+}
+
 /// Column arrays of the deducts in a batch, in batch order.
 #[derive(Default)]
-struct DeductColumns {
-    user_ids: Vec<i64>,
-    ids: Vec<i64>,
-    action_keys: Vec<String>,
-    quantities: Vec<i64>,
-    unit_costs: Vec<i64>,
-    credits_costs: Vec<i64>,
-    price_versions: Vec<i64>,
-    idempotency_keys: Vec<Option<String>>,
-    fingerprints: Vec<String>,
-    remaining_after: Vec<i64>,
-    metadata: Vec<Option<serde_json::Value>>,
-    created_at: Vec<DateTime<Utc>>,
+pub(crate) struct DeductColumns {
+    pub user_ids: Vec<i64>,
+    pub ids: Vec<i64>,
+    pub action_keys: Vec<String>,
+    pub quantities: Vec<i64>,
+    pub unit_costs: Vec<i64>,
+    pub credits_costs: Vec<i64>,
+    pub price_versions: Vec<i64>,
+    pub idempotency_keys: Vec<Option<String>>,
+    pub fingerprints: Vec<String>,
+    pub remaining_after: Vec<i64>,
+    pub metadata: Vec<Option<serde_json::Value>>,
+    pub created_at: Vec<DateTime<Utc>>,
+}
+
+/// Column arrays of the allocations a batch inserts.
+#[derive(Default)]
+pub(crate) struct AllocationColumns {
+    pub user_ids: Vec<i64>,
+    pub consumption_ids: Vec<i64>,
+    pub user_package_ids: Vec<i64>,
+    pub credits: Vec<i64>,
+}
+
+/// Net credits used per grant in a batch (a refund's restored share counts negative), as
+/// column arrays; no delta is zero.
+#[derive(Default)]
+pub(crate) struct GrantDeltas {
+    pub user_ids: Vec<i64>,
+    pub grant_ids: Vec<i64>,
+    pub used: Vec<i64>,
 }
 
 /// Commits the batch in one transaction and says, per effect, what was applied. Any error rolls
 /// the whole batch back.
-async fn commit(
-    connection: &mut PgConnection,
+async fn commit<D: BatchDialect>(
+    connection: &mut Conn<D>,
     ids: &mut IdBlock,
     batch: &[Envelope],
 ) -> Result<Vec<Applied>, CommitError> {
@@ -609,9 +688,9 @@ async fn commit(
             _ => None,
         })
         .collect();
-    let consumption_ids = ids.take(connection, deducts.len()).await?;
+    let consumption_ids = ids.take::<D>(connection, deducts.len()).await?;
 
-    let mut tx = connection.begin().await?;
+    let mut tx = connection.begin_with(D::BEGIN).await?;
     let mut grant_deltas: BTreeMap<(i64, i64), i64> = BTreeMap::new();
     let mut events = Events::default();
 
@@ -637,32 +716,7 @@ async fn commit(
     let inserted: HashSet<i64> = if deducts.is_empty() {
         HashSet::new()
     } else {
-        sqlx::query_scalar(
-            "INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
-                 credits_cost, price_version, idempotency_key, request_fingerprint,
-                 remaining_after, metadata, created_at)
-             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[],
-                 $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bigint[],
-                 $11::jsonb[], $12::timestamptz[])
-             ON CONFLICT ON CONSTRAINT consumption_records_idempotency DO NOTHING
-             RETURNING id",
-        )
-        .bind(&columns.user_ids)
-        .bind(&columns.ids)
-        .bind(&columns.action_keys)
-        .bind(&columns.quantities)
-        .bind(&columns.unit_costs)
-        .bind(&columns.credits_costs)
-        .bind(&columns.price_versions)
-        .bind(&columns.idempotency_keys)
-        .bind(&columns.fingerprints)
-        .bind(&columns.remaining_after)
-        .bind(&columns.metadata)
-        .bind(&columns.created_at)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect()
+        D::insert_consumptions(&mut tx, &columns).await?
     };
 
     let mut duplicates = HashMap::new();
@@ -678,12 +732,12 @@ async fn commit(
             .iter()
             .map(|e| e.request.idempotency_key.as_deref().unwrap_or_default())
             .collect();
-        for (key, stored) in store::find_consumptions_by_keys(&mut tx, &user_ids, &keys).await? {
+        for (key, stored) in D::find_consumptions_by_keys(&mut tx, &user_ids, &keys).await? {
             duplicates.insert((stored.user_id, key), stored);
         }
     }
 
-    let mut allocation_rows: [Vec<i64>; 4] = Default::default();
+    let mut allocation_rows = AllocationColumns::default();
     let mut applied = Vec::with_capacity(batch.len());
     let mut deduct_answers = deducts.iter().zip(&consumption_ids);
     let mut refund_index = 0;
@@ -695,10 +749,12 @@ async fn commit(
                 };
                 if inserted.contains(&id) {
                     for allocation in &effect.allocations {
-                        allocation_rows[0].push(effect.user_id.get());
-                        allocation_rows[1].push(id);
-                        allocation_rows[2].push(allocation.user_package_id.get());
-                        allocation_rows[3].push(allocation.credits.get());
+                        allocation_rows.user_ids.push(effect.user_id.get());
+                        allocation_rows.consumption_ids.push(id);
+                        allocation_rows
+                            .user_package_ids
+                            .push(allocation.user_package_id.get());
+                        allocation_rows.credits.push(allocation.credits.get());
                         *grant_deltas
                             .entry((effect.user_id.get(), allocation.user_package_id.get()))
                             .or_default() += allocation.credits.get();
@@ -754,53 +810,31 @@ async fn commit(
         }
     }
 
-    if !allocation_rows[0].is_empty() {
-        sqlx::query(
-            "INSERT INTO consumption_allocations (user_id, consumption_id, user_package_id, credits)
-             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])",
-        )
-        .bind(&allocation_rows[0])
-        .bind(&allocation_rows[1])
-        .bind(&allocation_rows[2])
-        .bind(&allocation_rows[3])
-        .execute(&mut *tx)
-        .await?;
+    if !allocation_rows.user_ids.is_empty() {
+        D::insert_allocations(&mut tx, &allocation_rows).await?;
     }
 
     if !refunds.is_empty() {
-        write_refunds(&mut tx, &refunds).await?;
+        D::write_refunds(&mut tx, &refunds).await?;
     }
 
     grant_deltas.retain(|_, delta| *delta != 0);
     if !grant_deltas.is_empty() {
-        let (keys, deltas): (Vec<(i64, i64)>, Vec<i64>) = grant_deltas.into_iter().unzip();
-        let (user_ids, grant_ids): (Vec<i64>, Vec<i64>) = keys.into_iter().unzip();
-        let updated = sqlx::query(
-            "UPDATE user_packages g
-             SET used_credits = g.used_credits + d.used,
-                 remaining_credits = CASE WHEN g.unlimited THEN 0 ELSE g.remaining_credits - d.used END,
-                 status = CASE
-                     WHEN g.unlimited OR g.status NOT IN ('active', 'depleted') THEN g.status
-                     WHEN g.remaining_credits - d.used = 0 THEN 'depleted'
-                     ELSE 'active' END,
-                 updated_at = now()
-             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS d(user_id, id, used)
-             WHERE g.user_id = d.user_id AND g.id = d.id",
-        )
-        .bind(&user_ids)
-        .bind(&grant_ids)
-        .bind(&deltas)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated != user_ids.len() as u64 {
+        let mut deltas = GrantDeltas::default();
+        for ((user_id, grant_id), used) in grant_deltas {
+            deltas.user_ids.push(user_id);
+            deltas.grant_ids.push(grant_id);
+            deltas.used.push(used);
+        }
+        let updated = D::apply_grant_deltas(&mut tx, &deltas).await?;
+        if updated != deltas.user_ids.len() as u64 {
             return Err(protocol("a grant named by an allocation does not exist").into());
         }
     }
 
     for (envelope, applied) in batch.iter().zip(applied.iter_mut()) {
         if let Effect::Grant(effect) = &envelope.effect {
-            let (row, voided) = write_grant_change(&mut tx, effect).await?;
+            let (row, voided) = D::write_grant_change(&mut tx, effect).await?;
             events.push(
                 effect.change.event_kind(),
                 effect.user_id,
@@ -811,7 +845,7 @@ async fn commit(
         }
     }
 
-    events.insert(&mut tx).await?;
+    D::insert_events(&mut tx, &events).await?;
     tx.commit().await.map_err(CommitError::Unknown)?;
     Ok(applied)
 }
@@ -878,161 +912,13 @@ impl GrantChange {
     }
 }
 
-/// Applies one grant change and returns the grant's row as it now stands, with the credits it
-/// voided. The status guard makes a change the database does not expect fail the batch: the
-/// wallet then reloads.
-async fn write_grant_change(
-    tx: &mut sqlx::PgConnection,
-    effect: &GrantEffect,
-) -> Result<(UserPackageRow, i64), sqlx::Error> {
-    let columns = store::USER_PACKAGE_COLUMNS;
-    let (query, voided) = match &effect.change {
-        GrantChange::Activate(activation) => {
-            let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "UPDATE user_packages
-                 SET status = CASE WHEN unlimited OR remaining_credits > 0 THEN 'active' ELSE 'depleted' END,
-                     activated_at = $3, expires_at = $4, updated_at = $5
-                 WHERE user_id = $1 AND id = $2 AND status = 'pending'
-                 RETURNING {columns}"
-            )))
-            .bind(effect.user_id.get())
-            .bind(effect.grant_id.get())
-            .bind(activation.activated_at)
-            .bind(activation.expires_at)
-            .bind(effect.at);
-            (query, 0)
-        }
-        GrantChange::Revoke { .. } | GrantChange::Expire => {
-            let (ended, live) = match effect.change {
-                GrantChange::Expire => ("expired", "('active', 'depleted')"),
-                _ => ("revoked", "('pending', 'active', 'depleted')"),
-            };
-            // Locks the row: what it holds now is what is voided.
-            let remaining: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT remaining_credits FROM user_packages
-                 WHERE user_id = $1 AND id = $2 AND status IN {live}
-                 FOR UPDATE"
-            )))
-            .bind(effect.user_id.get())
-            .bind(effect.grant_id.get())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "UPDATE user_packages
-                 SET status = '{ended}',
-                     expired_credits = expired_credits + remaining_credits,
-                     remaining_credits = 0,
-                     updated_at = $3
-                 WHERE user_id = $1 AND id = $2 AND status IN {live}
-                 RETURNING {columns}"
-            )))
-            .bind(effect.user_id.get())
-            .bind(effect.grant_id.get())
-            .bind(effect.at);
-            (query, remaining.unwrap_or(0))
-        }
-    };
-    let row: Option<UserPackageRow> = query.fetch_optional(&mut *tx).await?;
-    let row = row.ok_or_else(|| protocol("a grant change found the grant in another status"))?;
-    Ok((row, voided))
-}
-
-/// Marks the consumptions refunded and records, per allocation, what came back and what was
-/// forfeited. A consumption that is no longer `completed` fails the batch: its wallet computed
-/// the refund on memory the database does not share, so the wallet must reload.
-async fn write_refunds(
-    tx: &mut sqlx::PgConnection,
-    refunds: &[&RefundEffect],
-) -> Result<(), sqlx::Error> {
-    let user_ids: Vec<i64> = refunds.iter().map(|r| r.user_id.get()).collect();
-    let ids: Vec<i64> = refunds.iter().map(|r| r.consumption_id.get()).collect();
-    let refunded: Vec<i64> = refunds
-        .iter()
-        .map(|r| r.plan.refunded_credits().get())
-        .collect();
-    let forfeited: Vec<i64> = refunds
-        .iter()
-        .map(|r| r.plan.forfeited_credits().get())
-        .collect();
-    let reasons: Vec<Option<String>> = refunds.iter().map(|r| r.reason.clone()).collect();
-    let times: Vec<DateTime<Utc>> = refunds.iter().map(|r| r.refunded_at).collect();
-    let marked = sqlx::query(
-        "UPDATE consumption_records c
-         SET status = 'refunded', refunded_credits = r.refunded, forfeited_credits = r.forfeited,
-             refund_reason = r.reason, refunded_at = r.at
-         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[],
-                     $6::timestamptz[]) AS r(user_id, id, refunded, forfeited, reason, at)
-         WHERE c.user_id = r.user_id AND c.id = r.id AND c.status = 'completed'",
-    )
-    .bind(&user_ids)
-    .bind(&ids)
-    .bind(&refunded)
-    .bind(&forfeited)
-    .bind(&reasons)
-    .bind(&times)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if marked != refunds.len() as u64 {
-        return Err(protocol(
-            "a refunded consumption was not in state completed",
-        ));
-    }
-
-    let mut lines: [Vec<i64>; 5] = Default::default();
-    for refund in refunds {
-        let shares = refund
-            .plan
-            .restore
-            .iter()
-            .map(|a| (a, true))
-            .chain(refund.plan.forfeit.iter().map(|a| (a, false)));
-        for (allocation, restored) in shares {
-            lines[0].push(refund.user_id.get());
-            lines[1].push(refund.consumption_id.get());
-            lines[2].push(allocation.user_package_id.get());
-            lines[3].push(if restored {
-                allocation.credits.get()
-            } else {
-                0
-            });
-            lines[4].push(if restored {
-                0
-            } else {
-                allocation.credits.get()
-            });
-        }
-    }
-    let updated = sqlx::query(
-        "UPDATE consumption_allocations a
-         SET refunded_credits = a.refunded_credits + x.refunded,
-             forfeited_credits = a.forfeited_credits + x.forfeited
-         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
-              AS x(user_id, consumption_id, user_package_id, refunded, forfeited)
-         WHERE a.user_id = x.user_id AND a.consumption_id = x.consumption_id
-           AND a.user_package_id = x.user_package_id",
-    )
-    .bind(&lines[0])
-    .bind(&lines[1])
-    .bind(&lines[2])
-    .bind(&lines[3])
-    .bind(&lines[4])
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if updated != lines[0].len() as u64 {
-        return Err(protocol("a refunded allocation does not exist"));
-    }
-    Ok(())
-}
-
 /// Audit events of a batch, inserted in one statement.
 #[derive(Default)]
-struct Events {
-    kinds: Vec<&'static str>,
-    user_ids: Vec<i64>,
-    payloads: Vec<serde_json::Value>,
-    times: Vec<DateTime<Utc>>,
+pub(crate) struct Events {
+    pub kinds: Vec<&'static str>,
+    pub user_ids: Vec<i64>,
+    pub payloads: Vec<serde_json::Value>,
+    pub times: Vec<DateTime<Utc>>,
 }
 
 impl Events {
@@ -1048,26 +934,9 @@ impl Events {
         self.payloads.push(payload);
         self.times.push(at);
     }
-
-    async fn insert(self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-        if self.kinds.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "INSERT INTO billing_events (kind, user_id, payload, created_at)
-             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::jsonb[], $4::timestamptz[])",
-        )
-        .bind(&self.kinds)
-        .bind(&self.user_ids)
-        .bind(&self.payloads)
-        .bind(&self.times)
-        .execute(tx)
-        .await?;
-        Ok(())
-    }
 }
 
-fn protocol(message: &str) -> sqlx::Error {
+pub(crate) fn protocol(message: &str) -> sqlx::Error {
     sqlx::Error::Protocol(format!("batch writer invariant: {message}"))
 }
 

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use sqlx::PgPool;
 
 pub use messages::*;
 
@@ -27,14 +26,14 @@ use crate::store::writer::{
     self, DeductEffect, Effect, Envelope, GrantChange, GrantEffect, Origin, RefundEffect,
     WriterHandle,
 };
-use crate::store::{self, StoredConsumption, UserPackageRow};
+use crate::store::{Db, StoredConsumption, UserPackageRow};
 
 /// Shortest period between a wallet's idle checks.
 const PASSIVATION_CHECK_MIN: Duration = Duration::from_millis(10);
 
 /// What every wallet shares.
 pub struct WalletDeps {
-    pub pool: PgPool,
+    pub db: Db,
     pub writer: WriterHandle,
     pub clock: Arc<dyn Clock>,
     pub limits: WalletLimits,
@@ -185,7 +184,7 @@ impl Actor for Wallet {
                 domain::sort_burn_order(&mut grants);
                 grants
             }
-            None => load_grants(&args.deps.pool, args.user_id).await?,
+            None => load_grants(&args.deps.db, args.user_id).await?,
         };
         Ok(WalletState {
             user_id: args.user_id,
@@ -326,8 +325,8 @@ impl Actor for Wallet {
     }
 }
 
-async fn load_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
-    let mut grants = store::load_wallet_grants(pool, user_id).await?;
+async fn load_grants(db: &Db, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
+    let mut grants = db.load_wallet_grants(user_id).await?;
     domain::sort_burn_order(&mut grants);
     Ok(grants)
 }
@@ -355,7 +354,7 @@ impl WalletState {
 
     async fn reload(&mut self) -> Result<(), EngineError> {
         let epoch = self.epoch_cell.load(Ordering::Acquire);
-        match load_grants(&self.deps.pool, self.user_id).await {
+        match load_grants(&self.deps.db, self.user_id).await {
             Ok(grants) => {
                 self.grants = grants;
                 self.epoch = epoch;
@@ -500,7 +499,12 @@ impl WalletState {
         let Some(key) = &request.idempotency_key else {
             return Some((reply, insufficient));
         };
-        match store::find_consumption_by_key(&self.deps.pool, self.user_id, key).await {
+        match self
+            .deps
+            .db
+            .find_consumption_by_key(self.user_id, key)
+            .await
+        {
             Ok(None) => Some((reply, insufficient)),
             Ok(Some(stored)) => {
                 let original = original_answer(&stored);
@@ -609,12 +613,12 @@ impl WalletState {
         target: &RefundTarget,
     ) -> Result<StoredConsumption, EngineError> {
         self.ensure_fresh().await?;
-        let pool = &self.deps.pool;
+        let db = &self.deps.db;
         let stored = match target {
             RefundTarget::IdempotencyKey(key) => {
-                store::find_consumption_by_key(pool, self.user_id, key).await?
+                db.find_consumption_by_key(self.user_id, key).await?
             }
-            RefundTarget::Id(id) => store::find_consumption(pool, self.user_id, *id).await?,
+            RefundTarget::Id(id) => db.find_consumption(self.user_id, *id).await?,
         };
         stored.ok_or(EngineError::ConsumptionNotFound)
     }
@@ -622,15 +626,17 @@ impl WalletState {
     async fn assign(&mut self, request: AssignRequest) -> Result<AssignAnswer, EngineError> {
         self.ensure_fresh().await?;
         let now = self.deps.clock.now();
-        let inserted = store::insert_grant(
-            &self.deps.pool,
-            self.user_id,
-            &request.grant,
-            request.external_ref.as_deref(),
-            request.note.as_deref(),
-            now,
-        )
-        .await;
+        let inserted = self
+            .deps
+            .db
+            .insert_grant(
+                self.user_id,
+                &request.grant,
+                request.external_ref.as_deref(),
+                request.note.as_deref(),
+                now,
+            )
+            .await;
         let (row, created) = inserted.inspect_err(|_| self.reload_soon())?;
         // A repeated external_ref returns the first grant; if an earlier attempt's commit was
         // lost to us (its outcome unknown), memory may lack it: adopt it now.
@@ -701,7 +707,7 @@ impl WalletState {
             return;
         }
         let Some(index) = self.grants.iter().position(|grant| grant.id == grant_id) else {
-            let answer = match store::find_user_package(&self.deps.pool, grant_id).await {
+            let answer = match self.deps.db.find_user_package(grant_id).await {
                 Ok(Some(row)) if row.user_id == self.user_id.get() => {
                     Err(EngineError::GrantStatusConflict {
                         status: row.status,
@@ -754,7 +760,7 @@ impl WalletState {
         if self.in_flight > 0 || self.is_stale() {
             return Ok(WalletSnapshot::Busy);
         }
-        let stored = store::load_wallet_grants(&self.deps.pool, self.user_id).await?;
+        let stored = self.deps.db.load_wallet_grants(self.user_id).await?;
         Ok(WalletSnapshot::Ready {
             memory: self.grants.clone(),
             stored,
@@ -764,10 +770,12 @@ impl WalletState {
     async fn register(&mut self, grants: Vec<NewGrant>) -> Result<RegisterAnswer, EngineError> {
         let now = self.deps.clock.now();
         self.ensure_fresh().await?;
-        let (newly_registered, rows) =
-            store::register_user(&self.deps.pool, self.user_id, &grants, now)
-                .await
-                .inspect_err(|_| self.reload_soon())?;
+        let (newly_registered, rows) = self
+            .deps
+            .db
+            .register_user(self.user_id, &grants, now)
+            .await
+            .inspect_err(|_| self.reload_soon())?;
         self.grants
             .extend(rows.iter().filter_map(UserPackageRow::to_grant));
         domain::sort_burn_order(&mut self.grants);

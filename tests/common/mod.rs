@@ -1,5 +1,6 @@
-//! A test engine over a fresh database (one per test, from `#[sqlx::test]`), driven through its
-//! router without a socket, with a clock the test moves by hand.
+//! A test engine over a fresh database (one per test: PostgreSQL's from `#[sqlx::test]`, or a
+//! new SQLite file), driven through its router without a socket, with a clock the test moves by
+//! hand. [`backend_tests!`] runs one test body on both backends.
 #![allow(dead_code)]
 
 pub mod proxy;
@@ -14,9 +15,12 @@ use credits_engine::app::App;
 use credits_engine::clock::ManualClock;
 use credits_engine::config::{Secret, Settings};
 use credits_engine::http::auth::mint_token;
+use credits_engine::store::postgres::PgStore;
+use credits_engine::store::sqlite::SqliteStore;
+use credits_engine::store::{Backend, Db};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use sqlx::PgPool;
+use sqlx::{AnyPool, PgPool};
 use tower::ServiceExt;
 
 pub const SERVICE_TOKEN: &str = "test-service-token";
@@ -37,10 +41,170 @@ pub fn start_time() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
 }
 
+/// Runs each test body twice, as `<name>::postgres` (a fresh database from `#[sqlx::test]`)
+/// and `<name>::sqlite` (a fresh file), with `$db` bound to the [`TestDb`].
+#[macro_export]
+macro_rules! backend_tests {
+    ($(
+        $(#[$meta:meta])*
+        async fn $name:ident($db:ident: TestDb) $body:block
+    )*) => {$(
+        $(#[$meta])*
+        mod $name {
+            use super::*;
+
+            #[sqlx::test(migrations = "./migrations/postgres")]
+            async fn postgres(pool: sqlx::PgPool) {
+                let $db = TestDb::postgres(pool).await;
+                $body
+            }
+
+            #[tokio::test]
+            async fn sqlite() {
+                let $db = TestDb::sqlite(concat!(module_path!(), "-", stringify!($name))).await;
+                $body
+            }
+        }
+    )*};
+}
+
+/// A fresh database of either backend: the engine's store over it, and a pool for the test's
+/// own statements (portable SQL with `$1` placeholders, through sqlx's `Any` driver).
+pub struct TestDb {
+    pub store: Db,
+    pub sql: AnyPool,
+    /// A `DATABASE_URL` that reaches it, for an engine in another process.
+    pub url: String,
+    /// The PostgreSQL test pool (`None` on SQLite).
+    pub pg: Option<PgPool>,
+    /// The SQLite file, removed (with its WAL) when the test ends.
+    file: Option<std::path::PathBuf>,
+}
+
+impl TestDb {
+    pub async fn postgres(pool: PgPool) -> TestDb {
+        let options = pool.connect_options();
+        let url = format!(
+            "postgres://{}@{}:{}/{}",
+            options.get_username(),
+            options.get_host(),
+            options.get_port(),
+            options
+                .get_database()
+                .expect("sqlx::test names its database"),
+        );
+        TestDb {
+            store: PgStore::db(pool.clone()),
+            sql: any_pool(&url).await,
+            url,
+            pg: Some(pool),
+            file: None,
+        }
+    }
+
+    pub async fn sqlite(name: &str) -> TestDb {
+        let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "{}-{}.db",
+            name.replace("::", "-"),
+            std::process::id()
+        ));
+        remove_sqlite_files(&file);
+        let url = format!("sqlite://{}", file.display());
+        let store = SqliteStore::connect(&url, 8)
+            .await
+            .expect("the SQLite test database opens");
+        TestDb {
+            store: Arc::new(store),
+            sql: any_pool(&url).await,
+            url,
+            pg: None,
+            file: Some(file),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.store.backend()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(file) = &self.file {
+            remove_sqlite_files(file);
+        }
+    }
+}
+
+fn remove_sqlite_files(file: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = file.as_os_str().to_owned();
+        path.push(suffix);
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+async fn any_pool(url: &str) -> AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .expect("the test's own pool connects")
+}
+
+/// Either a PostgreSQL test pool or a [`TestDb`]: what the helpers below read and write.
+#[derive(Clone, Copy)]
+pub enum SqlRef<'a> {
+    Pg(&'a PgPool),
+    Test(&'a TestDb),
+}
+
+impl<'a> From<&'a PgPool> for SqlRef<'a> {
+    fn from(pool: &'a PgPool) -> SqlRef<'a> {
+        SqlRef::Pg(pool)
+    }
+}
+
+impl<'a> From<&'a TestDb> for SqlRef<'a> {
+    fn from(db: &'a TestDb) -> SqlRef<'a> {
+        SqlRef::Test(db)
+    }
+}
+
+impl SqlRef<'_> {
+    fn store(self) -> Db {
+        match self {
+            SqlRef::Pg(pool) => PgStore::db(pool.clone()),
+            SqlRef::Test(db) => db.store.clone(),
+        }
+    }
+
+    /// One `bigint` that `sql` answers, with `binds` for `$1`, `$2`...
+    async fn scalar(self, sql: &str, binds: &[i64]) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            SqlRef::Pg(pool) => {
+                let mut query = sqlx::query_scalar(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.fetch_one(pool).await.unwrap()
+            }
+            SqlRef::Test(db) => {
+                let mut query = sqlx::query_scalar(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.fetch_one(&db.sql).await.unwrap()
+            }
+        }
+    }
+}
+
 pub struct TestEngine {
     pub app: App,
     pub router: Router,
-    pub pool: PgPool,
+    pub db: Db,
     pub clock: Arc<ManualClock>,
 }
 
@@ -55,14 +219,27 @@ pub async fn engine_with_clock(pool: PgPool, clock: Arc<ManualClock>) -> TestEng
 /// An engine with settings of the test's choosing, over `pool` (which may reach the database
 /// some other way than the test's own pool, for example through a [`proxy::Proxy`]).
 pub async fn engine_with(pool: PgPool, settings: Settings, clock: Arc<ManualClock>) -> TestEngine {
-    let app = App::build_with(pool.clone(), settings, clock.clone())
+    engine_over(PgStore::db(pool), settings, clock).await
+}
+
+/// An engine over a [`TestDb`] of either backend.
+pub async fn engine_on(db: &TestDb) -> TestEngine {
+    engine_on_with_clock(db, Arc::new(ManualClock::new(start_time()))).await
+}
+
+pub async fn engine_on_with_clock(db: &TestDb, clock: Arc<ManualClock>) -> TestEngine {
+    engine_over(db.store.clone(), settings("postgres://unused"), clock).await
+}
+
+async fn engine_over(db: Db, settings: Settings, clock: Arc<ManualClock>) -> TestEngine {
+    let app = App::build_with(db.clone(), settings, clock.clone())
         .await
         .expect("engine builds");
     let router = app.router();
     TestEngine {
         app,
         router,
-        pool,
+        db,
         clock,
     }
 }
@@ -230,65 +407,72 @@ pub async fn send(
 }
 
 /// Creates a package straight in the database (before the engine loads its catalog).
-pub async fn create_package(
-    pool: &PgPool,
+pub async fn create_package<'a>(
+    db: impl Into<SqlRef<'a>>,
     package_type: &str,
     credits_amount: Option<i64>,
     duration_days: Option<i32>,
 ) -> i64 {
-    sqlx::query_scalar(
-        "INSERT INTO packages (name, package_type, credits_amount, duration_days)
-         VALUES ($1, $1, $2, $3) RETURNING id",
-    )
-    .bind(package_type)
-    .bind(credits_amount)
-    .bind(duration_days)
-    .fetch_one(pool)
-    .await
-    .unwrap()
+    const INSERT: &str = "INSERT INTO packages (name, package_type, credits_amount, duration_days)
+         VALUES ($1, $1, $2, $3) RETURNING id";
+    let duration_days = duration_days.map(i64::from);
+    match db.into() {
+        SqlRef::Pg(pool) => sqlx::query_scalar(INSERT)
+            .bind(package_type)
+            .bind(credits_amount)
+            .bind(duration_days.map(|days| days as i32))
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        SqlRef::Test(db) => sqlx::query_scalar(INSERT)
+            .bind(package_type)
+            .bind(credits_amount)
+            .bind(duration_days)
+            .fetch_one(&db.sql)
+            .await
+            .unwrap(),
+    }
 }
 
 /// Every grant's stored balance agrees with its ledger, by the engine's own definition
 /// (`store::reconcile::ledger_mismatches`): used = allocated - refunded, and for a limited grant
 /// total = used + remaining + expired.
-pub async fn assert_ledger_balanced(pool: &PgPool) {
-    let check = credits_engine::store::reconcile::ledger_mismatches(pool, 100)
-        .await
-        .unwrap();
+pub async fn assert_ledger_balanced<'a>(db: impl Into<SqlRef<'a>>) {
+    let db = db.into();
+    let check = db.store().ledger_mismatches(100).await.unwrap();
     assert!(
         check.mismatches.is_empty(),
         "grants out of balance: {:?}",
         check.mismatches
     );
     // Every consumption's allocations add up to its cost.
-    let uneven: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT c.id, c.credits_cost, COALESCE(SUM(a.credits), 0)::bigint
-         FROM consumption_records c
-         LEFT JOIN consumption_allocations a ON a.user_id = c.user_id AND a.consumption_id = c.id
-         GROUP BY c.id, c.credits_cost
-         HAVING c.credits_cost <> COALESCE(SUM(a.credits), 0)",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    assert!(
-        uneven.is_empty(),
-        "consumptions whose allocations miss their cost: {uneven:?}"
-    );
+    let uneven = db
+        .scalar(
+            "SELECT count(*) FROM (
+                 SELECT c.id FROM consumption_records c
+                 LEFT JOIN consumption_allocations a
+                   ON a.user_id = c.user_id AND a.consumption_id = c.id
+                 GROUP BY c.user_id, c.id, c.credits_cost
+                 HAVING c.credits_cost <> COALESCE(SUM(a.credits), 0)) AS uneven",
+            &[],
+        )
+        .await;
+    assert_eq!(uneven, 0, "consumptions whose allocations miss their cost");
 }
 
-pub async fn remaining_of(pool: &PgPool, user_id: i64) -> i64 {
-    sqlx::query_scalar(
-        "SELECT COALESCE(SUM(remaining_credits), 0)::bigint FROM user_packages WHERE user_id = $1",
-    )
-    .bind(user_id)
-    .fetch_one(pool)
-    .await
-    .unwrap()
+pub async fn remaining_of<'a>(db: impl Into<SqlRef<'a>>, user_id: i64) -> i64 {
+    db.into()
+        .scalar(
+            "SELECT CAST(COALESCE(SUM(remaining_credits), 0) AS BIGINT) FROM user_packages
+             WHERE user_id = $1",
+            &[user_id],
+        )
+        .await
 }
 
-pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+/// What `sql` (one `bigint`, such as a `count(*)`) answers.
+pub async fn count<'a>(db: impl Into<SqlRef<'a>>, sql: &'static str) -> i64 {
+    db.into().scalar(sql, &[]).await
 }
 
 /// The sum of every series of one metric in `/metrics` (0 when the engine has not emitted it).

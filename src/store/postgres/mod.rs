@@ -1,0 +1,614 @@
+//! The PostgreSQL store: for several engine nodes, a large history, and the operations
+//! tooling (backups, replicas, `psql`) a production deployment has. [`batch`] holds the batch
+//! writer's statements.
+
+pub(crate) mod batch;
+mod catalog;
+mod reconcile;
+mod reports;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool, Postgres, QueryBuilder, migrate::MigrateDatabase};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::catalog::{PackageFields, PackageFilter, PackageSort, PriceFields};
+use super::reconcile::{LedgerCheck, OrphanAllocation};
+use super::reports::{
+    ConsumptionExport, ConsumptionFilter, ConsumptionRow, EventFilter, EventRow, GroupBy,
+    StatisticsGroup, StatisticsSums,
+};
+use super::writer::{self, WriterHandle, WriterLimits};
+use super::{
+    ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, Backend, CONSUMPTION_HEAD_COLUMNS,
+    ConsumptionHead, Db, GrantFilter, GrantListRow, Merge, Merged, PACKAGE_COLUMNS, PRICE_COLUMNS,
+    PackageRow, PoolUsage, SUMMARY_GRANTS_MAX, Store, StoredConsumption, USER_PACKAGE_COLUMNS,
+    UserPackageRow, assemble, grant_columns_of,
+};
+use crate::domain::{ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
+
+/// The PostgreSQL store over its pool.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects (see [`connect`]).
+    pub async fn connect(database_url: &str, pool_max: u32) -> Result<PgStore, sqlx::Error> {
+        Ok(PgStore::new(connect(database_url, pool_max).await?))
+    }
+
+    /// A store over an existing pool, whose database is migrated (tests make theirs with
+    /// `#[sqlx::test]`).
+    pub fn new(pool: PgPool) -> PgStore {
+        PgStore { pool }
+    }
+
+    /// A [`Db`] over an existing, migrated pool.
+    pub fn db(pool: PgPool) -> Db {
+        std::sync::Arc::new(PgStore::new(pool))
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    fn spawn_writer(
+        &self,
+        limits: WriterLimits,
+        stop: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> std::io::Result<WriterHandle> {
+        writer::spawn_lanes::<batch::PgBatch>(self.pool.clone(), limits, stop, tracker)
+    }
+
+    async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(drop)
+    }
+
+    fn pool_usage(&self) -> PoolUsage {
+        PoolUsage {
+            size: self.pool.size(),
+            idle: self.pool.num_idle(),
+            max: self.pool.options().get_max_connections(),
+        }
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn load_action_prices(&self) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
+        load_action_prices(&self.pool).await
+    }
+
+    async fn load_packages(&self) -> Result<Vec<PackageRow>, sqlx::Error> {
+        load_packages(&self.pool).await
+    }
+
+    async fn insert_action_price(
+        &self,
+        action_key: &str,
+        fields: &PriceFields,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ActionPriceRow>, sqlx::Error> {
+        catalog::insert_action_price(&self.pool, action_key, fields, now).await
+    }
+
+    async fn update_action_price(
+        &self,
+        action_key: &str,
+        now: DateTime<Utc>,
+        merge: Merge<'_, ActionPriceRow, PriceFields>,
+    ) -> Result<Merged<ActionPriceRow>, sqlx::Error> {
+        catalog::update_action_price(&self.pool, action_key, now, merge).await
+    }
+
+    async fn list_action_prices(
+        &self,
+        enabled: Option<bool>,
+        after_key: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
+        catalog::list_action_prices(&self.pool, enabled, after_key, limit).await
+    }
+
+    async fn insert_package(
+        &self,
+        fields: &PackageFields,
+        now: DateTime<Utc>,
+    ) -> Result<PackageRow, sqlx::Error> {
+        catalog::insert_package(&self.pool, fields, now).await
+    }
+
+    async fn update_package(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+        merge: Merge<'_, PackageRow, PackageFields>,
+    ) -> Result<Merged<PackageRow>, sqlx::Error> {
+        catalog::update_package(&self.pool, id, now, merge).await
+    }
+
+    async fn delete_package(&self, id: i64, now: DateTime<Utc>) -> Result<bool, sqlx::Error> {
+        catalog::delete_package(&self.pool, id, now).await
+    }
+
+    async fn find_package(&self, id: i64) -> Result<Option<PackageRow>, sqlx::Error> {
+        catalog::find_package(&self.pool, id).await
+    }
+
+    async fn list_packages(
+        &self,
+        filter: &PackageFilter,
+        sort: PackageSort,
+        descending: bool,
+        after: Option<(i64, i64)>,
+        limit: i64,
+    ) -> Result<Vec<PackageRow>, sqlx::Error> {
+        catalog::list_packages(&self.pool, filter, sort, descending, after, limit).await
+    }
+
+    async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
+        load_wallet_grants(&self.pool, user_id).await
+    }
+
+    async fn insert_grant(
+        &self,
+        user_id: UserId,
+        grant: &NewGrant,
+        external_ref: Option<&str>,
+        note: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(UserPackageRow, bool), sqlx::Error> {
+        insert_grant(&self.pool, user_id, grant, external_ref, note, now).await
+    }
+
+    async fn register_user(
+        &self,
+        user_id: UserId,
+        grants: &[NewGrant],
+        now: DateTime<Utc>,
+    ) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error> {
+        register_user(&self.pool, user_id, grants, now).await
+    }
+
+    async fn find_user_package(
+        &self,
+        id: UserPackageId,
+    ) -> Result<Option<UserPackageRow>, sqlx::Error> {
+        find_user_package(&self.pool, id).await
+    }
+
+    async fn list_grants(
+        &self,
+        filter: &GrantFilter,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<GrantListRow>, sqlx::Error> {
+        let mut query: QueryBuilder<Postgres> = super::grants_query(filter, before, limit);
+        query.build_query_as().fetch_all(&self.pool).await
+    }
+
+    async fn live_grants(&self, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error> {
+        live_grants(&self.pool, user_id).await
+    }
+
+    async fn due_expiries(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<(UserId, UserPackageId)>, sqlx::Error> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(super::DUE_EXPIRIES_SQL)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(super::expiry_keys(rows))
+    }
+
+    async fn find_consumption_by_key(
+        &self,
+        user_id: UserId,
+        key: &str,
+    ) -> Result<Option<StoredConsumption>, sqlx::Error> {
+        find_consumption_by_key(&self.pool, user_id, key).await
+    }
+
+    async fn find_consumption(
+        &self,
+        user_id: UserId,
+        id: ConsumptionId,
+    ) -> Result<Option<StoredConsumption>, sqlx::Error> {
+        find_consumption(&self.pool, user_id, id).await
+    }
+
+    async fn find_consumption_owner(
+        &self,
+        id: ConsumptionId,
+    ) -> Result<Option<UserId>, sqlx::Error> {
+        find_consumption_owner(&self.pool, id).await
+    }
+
+    async fn list_consumption(
+        &self,
+        filter: &ConsumptionFilter,
+        after: Option<(DateTime<Utc>, i64)>,
+        limit: i64,
+    ) -> Result<Vec<ConsumptionRow>, sqlx::Error> {
+        reports::list_consumption(&self.pool, filter, after, limit).await
+    }
+
+    async fn consumption_statistics(
+        &self,
+        filter: &ConsumptionFilter,
+        group_by: GroupBy,
+        groups_max: i64,
+    ) -> Result<(Vec<StatisticsGroup>, StatisticsSums), sqlx::Error> {
+        reports::consumption_statistics(&self.pool, filter, group_by, groups_max).await
+    }
+
+    async fn open_export(
+        &self,
+        filter: &ConsumptionFilter,
+        rows_max: i64,
+    ) -> Result<Option<ConsumptionExport>, sqlx::Error> {
+        reports::open_export(&self.pool, filter, rows_max).await
+    }
+
+    async fn list_events(
+        &self,
+        filter: &EventFilter,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<EventRow>, sqlx::Error> {
+        reports::list_events(&self.pool, filter, before, limit).await
+    }
+
+    async fn ledger_mismatches(&self, max: usize) -> Result<LedgerCheck, sqlx::Error> {
+        reconcile::ledger_mismatches(&self.pool, max).await
+    }
+
+    async fn orphan_allocations(
+        &self,
+        max: usize,
+    ) -> Result<(Vec<OrphanAllocation>, bool), sqlx::Error> {
+        reconcile::orphan_allocations(&self.pool, max).await
+    }
+
+    async fn insert_mismatch_events(
+        &self,
+        events: &[(i64, serde_json::Value)],
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        reconcile::insert_mismatch_events(&self.pool, events, now).await
+    }
+}
+
+/// The migrations of the PostgreSQL store, embedded in the binary and applied at start-up.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Connects to PostgreSQL, creating the database if it does not exist yet, and applies the
+/// migrations. `pool_max` bounds the connections (each writer lane holds one more).
+pub async fn connect(database_url: &str, pool_max: u32) -> Result<PgPool, sqlx::Error> {
+    if !sqlx::Postgres::database_exists(database_url).await? {
+        sqlx::Postgres::create_database(database_url).await?;
+    }
+    let options = PgConnectOptions::from_str(database_url)?
+        .application_name(APPLICATION_NAME)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+    let pool = pool_options(pool_max).connect_with(options).await?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// The engine's connections' `application_name`, so operators (and tests) can tell them apart
+/// in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "credits-engine";
+
+/// How the engine's pool behaves: at most `pool_max` connections, and a request that cannot get
+/// one within [`ACQUIRE_TIMEOUT`] fails with `503`.
+pub fn pool_options(pool_max: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(pool_max)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
+    MIGRATOR.run(pool).await.map_err(sqlx::Error::from)
+}
+async fn load_action_prices(pool: &PgPool) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRICE_COLUMNS} FROM action_prices ORDER BY action_key"
+    )))
+    .fetch_all(pool)
+    .await
+}
+
+async fn load_packages(pool: &PgPool) -> Result<Vec<PackageRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PACKAGE_COLUMNS} FROM packages ORDER BY sort_order, id"
+    )))
+    .fetch_all(pool)
+    .await
+}
+
+/// The grants a wallet holds: every grant that can still pay or be paid back into, or be
+/// activated. Expired and revoked grants stay in the database only.
+async fn load_wallet_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
+    let rows: Vec<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
+         WHERE user_id = $1 AND status IN ('pending', 'active', 'depleted')"
+    )))
+    .bind(user_id.get())
+    .fetch_all(pool)
+    .await?;
+    super::wallet_grants(&rows)
+}
+
+/// Assigns a grant in one transaction with its `billing_package_assign` event (and
+/// `billing_package_activate` when it starts active). The same `external_ref` twice assigns
+/// once: the second call returns the first grant and `false`.
+async fn insert_grant(
+    pool: &PgPool,
+    user_id: UserId,
+    grant: &NewGrant,
+    external_ref: Option<&str>,
+    note: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(UserPackageRow, bool), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if let Some(row) = insert_grant_in(&mut tx, user_id, grant, external_ref, note, now).await? {
+        tx.commit().await?;
+        return Ok((row, true));
+    }
+    tx.rollback().await?;
+    let existing: UserPackageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE user_id = $1 AND external_ref = $2"
+    )))
+    .bind(user_id.get())
+    .bind(external_ref)
+    .fetch_one(pool)
+    .await?;
+    Ok((existing, false))
+}
+
+/// Inserts a grant and its events inside `tx`; `None` when `external_ref` is already taken.
+async fn insert_grant_in(
+    tx: &mut sqlx::PgConnection,
+    user_id: UserId,
+    grant: &NewGrant,
+    external_ref: Option<&str>,
+    note: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Option<UserPackageRow>, sqlx::Error> {
+    let inserted: Option<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
+             total_credits, remaining_credits, duration_days, activated_at, expires_at,
+             external_ref, note, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13, $13)
+         ON CONFLICT ON CONSTRAINT user_packages_external_ref DO NOTHING
+         RETURNING {USER_PACKAGE_COLUMNS}"
+    )))
+    .bind(user_id.get())
+    .bind(grant.package_id.get())
+    .bind(grant.source.as_str())
+    .bind(grant.status.as_str())
+    .bind(grant.priority)
+    .bind(grant.unlimited)
+    .bind(grant.total_credits.get())
+    .bind(grant.duration_days)
+    .bind(grant.activated_at)
+    .bind(grant.expires_at)
+    .bind(external_ref)
+    .bind(note)
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = inserted else {
+        return Ok(None);
+    };
+    let payload = super::grant_event_payload(&row);
+    let mut kinds = vec!["billing_package_assign"];
+    if grant.status == GrantStatus::Active {
+        kinds.push("billing_package_activate");
+    }
+    for kind in kinds {
+        insert_event(&mut *tx, kind, Some(user_id), &payload, now).await?;
+    }
+    Ok(Some(row))
+}
+
+/// Records the user as registered and assigns `grants` (the new-user packages), all in one
+/// transaction. A user registered before gets nothing: `(false, [])`.
+async fn register_user(
+    pool: &PgPool,
+    user_id: UserId,
+    grants: &[NewGrant],
+    now: DateTime<Utc>,
+) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let registered: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO user_registrations (user_id, registered_at) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
+    )
+    .bind(user_id.get())
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if registered.is_none() {
+        tx.rollback().await?;
+        return Ok((false, Vec::new()));
+    }
+    let mut rows = Vec::with_capacity(grants.len());
+    for grant in grants {
+        // One per package and user, whatever else assigned that package before.
+        let external_ref = format!("new-user:{}", grant.package_id.get());
+        if let Some(row) =
+            insert_grant_in(&mut tx, user_id, grant, Some(&external_ref), None, now).await?
+        {
+            rows.push(row);
+        }
+    }
+    let package_ids: Vec<i64> = rows.iter().map(|row| row.package_id).collect();
+    insert_event(
+        &mut tx,
+        "billing_user_registered",
+        Some(user_id),
+        &serde_json::json!({ "assigned_package_ids": package_ids }),
+        now,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((true, rows))
+}
+
+/// A grant's row by its id alone (admin routes name grants by id).
+async fn find_user_package(
+    pool: &PgPool,
+    id: UserPackageId,
+) -> Result<Option<UserPackageRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE id = $1"
+    )))
+    .bind(id.get())
+    .fetch_optional(pool)
+    .await
+}
+
+pub(super) async fn insert_event(
+    tx: &mut sqlx::PgConnection,
+    kind: &str,
+    user_id: Option<UserId>,
+    payload: &serde_json::Value,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO billing_events (kind, user_id, payload, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(kind)
+    .bind(user_id.map(UserId::get))
+    .bind(payload)
+    .bind(now)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+async fn allocations_of(
+    executor: impl sqlx::PgExecutor<'_>,
+    user_ids: &[i64],
+    consumption_ids: &[i64],
+) -> Result<Vec<AllocationRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits, a.refunded_credits,
+                a.forfeited_credits
+         FROM consumption_allocations a
+         JOIN UNNEST($1::bigint[], $2::bigint[]) AS k(user_id, consumption_id)
+           ON a.user_id = k.user_id AND a.consumption_id = k.consumption_id
+         ORDER BY a.user_id, a.consumption_id, a.user_package_id",
+    )
+    .bind(user_ids)
+    .bind(consumption_ids)
+    .fetch_all(executor)
+    .await
+}
+
+/// The committed deductions of these (user, idempotency key) pairs, in no particular order.
+pub(super) async fn find_consumptions_by_keys(
+    conn: &mut sqlx::PgConnection,
+    user_ids: &[i64],
+    keys: &[&str],
+) -> Result<Vec<(String, StoredConsumption)>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Keyed {
+        idempotency_key: String,
+        #[sqlx(flatten)]
+        head: ConsumptionHead,
+    }
+    let rows: Vec<Keyed> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT c.idempotency_key, {CONSUMPTION_HEAD_COLUMNS}
+         FROM consumption_records c
+         JOIN UNNEST($1::bigint[], $2::text[]) AS k(user_id, idempotency_key)
+           ON c.user_id = k.user_id AND c.idempotency_key = k.idempotency_key"
+    )))
+    .bind(user_ids)
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    let head_users: Vec<i64> = rows.iter().map(|r| r.head.user_id).collect();
+    let head_ids: Vec<i64> = rows.iter().map(|r| r.head.id).collect();
+    let allocations = allocations_of(&mut *conn, &head_users, &head_ids).await?;
+    let keys: Vec<String> = rows.iter().map(|r| r.idempotency_key.clone()).collect();
+    let stored = assemble(rows.into_iter().map(|r| r.head).collect(), allocations)?;
+    Ok(keys.into_iter().zip(stored).collect())
+}
+
+async fn find_consumption_by_key(
+    pool: &PgPool,
+    user_id: UserId,
+    key: &str,
+) -> Result<Option<StoredConsumption>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let found = find_consumptions_by_keys(&mut conn, &[user_id.get()], &[key]).await?;
+    Ok(found.into_iter().next().map(|(_, stored)| stored))
+}
+
+async fn find_consumption(
+    pool: &PgPool,
+    user_id: UserId,
+    id: ConsumptionId,
+) -> Result<Option<StoredConsumption>, sqlx::Error> {
+    let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c WHERE c.user_id = $1 AND c.id = $2"
+    )))
+    .bind(user_id.get())
+    .bind(id.get())
+    .fetch_optional(pool)
+    .await?;
+    let Some(head) = head else { return Ok(None) };
+    let allocations = allocations_of(pool, &[head.user_id], &[head.id]).await?;
+    Ok(assemble(vec![head], allocations)?.into_iter().next())
+}
+
+/// Whose consumption this is: refunds by id are routed to that user's wallet.
+async fn find_consumption_owner(
+    pool: &PgPool,
+    id: ConsumptionId,
+) -> Result<Option<UserId>, sqlx::Error> {
+    let owner: Option<i64> =
+        sqlx::query_scalar("SELECT user_id FROM consumption_records WHERE id = $1")
+            .bind(id.get())
+            .fetch_optional(pool)
+            .await?;
+    Ok(owner.map(UserId))
+}
+
+/// The grants that can pay or be activated (pending, active, depleted), with package names,
+/// in id order; at most `SUMMARY_GRANTS_MAX` + 1, so the caller can tell it was cut.
+async fn live_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error> {
+    let columns = grant_columns_of("g");
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {columns}, p.name AS package_name
+         FROM user_packages g JOIN packages p ON p.id = g.package_id
+         WHERE g.user_id = $1 AND g.status IN ('pending', 'active', 'depleted')
+         ORDER BY g.id LIMIT $2"
+    )))
+    .bind(user_id.get())
+    .bind(SUMMARY_GRANTS_MAX + 1)
+    .fetch_all(pool)
+    .await
+}

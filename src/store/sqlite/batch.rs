@@ -1,0 +1,252 @@
+//! The batch writer's statements on SQLite: one prepared statement per row. SQLite runs in the
+//! engine's process, so a statement costs no round trip; what a batch saves is the commit
+//! (one WAL sync for the whole batch).
+
+use std::collections::HashSet;
+
+use sqlx::{Sqlite, SqliteConnection};
+
+use super::find_consumptions_by_keys;
+use crate::store::writer::{
+    AllocationColumns, BatchDialect, DeductColumns, Events, GrantChange, GrantDeltas, GrantEffect,
+    RefundEffect, protocol,
+};
+use crate::store::{StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow};
+
+/// The SQLite statements of the batch writer.
+pub(crate) struct SqliteBatch;
+
+impl BatchDialect for SqliteBatch {
+    type Db = Sqlite;
+    const BEGIN: &'static str = super::BEGIN_WRITE;
+
+    async fn next_id_block(connection: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "UPDATE consumption_id_blocks SET last_value = last_value + 1 RETURNING last_value",
+        )
+        .fetch_one(connection)
+        .await
+    }
+
+    async fn insert_consumptions(
+        tx: &mut SqliteConnection,
+        columns: &DeductColumns,
+    ) -> Result<HashSet<i64>, sqlx::Error> {
+        let mut inserted = HashSet::with_capacity(columns.ids.len());
+        for row in 0..columns.ids.len() {
+            let id: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
+                     credits_cost, price_version, idempotency_key, request_fingerprint,
+                     remaining_after, metadata, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 ON CONFLICT (user_id, idempotency_key) DO NOTHING
+                 RETURNING id",
+            )
+            .bind(columns.user_ids[row])
+            .bind(columns.ids[row])
+            .bind(&columns.action_keys[row])
+            .bind(columns.quantities[row])
+            .bind(columns.unit_costs[row])
+            .bind(columns.credits_costs[row])
+            .bind(columns.price_versions[row])
+            .bind(&columns.idempotency_keys[row])
+            .bind(&columns.fingerprints[row])
+            .bind(columns.remaining_after[row])
+            .bind(&columns.metadata[row])
+            .bind(columns.created_at[row])
+            .fetch_optional(&mut *tx)
+            .await?;
+            inserted.extend(id);
+        }
+        Ok(inserted)
+    }
+
+    async fn find_consumptions_by_keys(
+        tx: &mut SqliteConnection,
+        user_ids: &[i64],
+        keys: &[&str],
+    ) -> Result<Vec<(String, StoredConsumption)>, sqlx::Error> {
+        find_consumptions_by_keys(tx, user_ids, keys).await
+    }
+
+    async fn insert_allocations(
+        tx: &mut SqliteConnection,
+        rows: &AllocationColumns,
+    ) -> Result<(), sqlx::Error> {
+        for row in 0..rows.user_ids.len() {
+            sqlx::query(
+                "INSERT INTO consumption_allocations
+                     (user_id, consumption_id, user_package_id, credits)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(rows.user_ids[row])
+            .bind(rows.consumption_ids[row])
+            .bind(rows.user_package_ids[row])
+            .bind(rows.credits[row])
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn write_refunds(
+        tx: &mut SqliteConnection,
+        refunds: &[&RefundEffect],
+    ) -> Result<(), sqlx::Error> {
+        for refund in refunds {
+            let marked = sqlx::query(
+                "UPDATE consumption_records
+                 SET status = 'refunded', refunded_credits = $3, forfeited_credits = $4,
+                     refund_reason = $5, refunded_at = $6
+                 WHERE user_id = $1 AND id = $2 AND status = 'completed'",
+            )
+            .bind(refund.user_id.get())
+            .bind(refund.consumption_id.get())
+            .bind(refund.plan.refunded_credits().get())
+            .bind(refund.plan.forfeited_credits().get())
+            .bind(&refund.reason)
+            .bind(refund.refunded_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if marked != 1 {
+                return Err(protocol(
+                    "a refunded consumption was not in state completed",
+                ));
+            }
+            let shares = refund
+                .plan
+                .restore
+                .iter()
+                .map(|a| (a, a.credits.get(), 0))
+                .chain(refund.plan.forfeit.iter().map(|a| (a, 0, a.credits.get())));
+            for (allocation, refunded, forfeited) in shares {
+                let updated = sqlx::query(
+                    "UPDATE consumption_allocations
+                     SET refunded_credits = refunded_credits + $4,
+                         forfeited_credits = forfeited_credits + $5
+                     WHERE user_id = $1 AND consumption_id = $2 AND user_package_id = $3",
+                )
+                .bind(refund.user_id.get())
+                .bind(refund.consumption_id.get())
+                .bind(allocation.user_package_id.get())
+                .bind(refunded)
+                .bind(forfeited)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if updated != 1 {
+                    return Err(protocol("a refunded allocation does not exist"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_grant_deltas(
+        tx: &mut SqliteConnection,
+        deltas: &GrantDeltas,
+    ) -> Result<u64, sqlx::Error> {
+        let now = chrono::Utc::now();
+        let mut updated = 0;
+        for row in 0..deltas.user_ids.len() {
+            updated += sqlx::query(
+                "UPDATE user_packages
+                 SET used_credits = used_credits + $3,
+                     remaining_credits = CASE WHEN unlimited THEN 0 ELSE remaining_credits - $3 END,
+                     status = CASE
+                         WHEN unlimited OR status NOT IN ('active', 'depleted') THEN status
+                         WHEN remaining_credits - $3 = 0 THEN 'depleted'
+                         ELSE 'active' END,
+                     updated_at = $4
+                 WHERE user_id = $1 AND id = $2",
+            )
+            .bind(deltas.user_ids[row])
+            .bind(deltas.grant_ids[row])
+            .bind(deltas.used[row])
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        Ok(updated)
+    }
+
+    async fn write_grant_change(
+        tx: &mut SqliteConnection,
+        effect: &GrantEffect,
+    ) -> Result<(UserPackageRow, i64), sqlx::Error> {
+        write_grant_change(tx, effect).await
+    }
+
+    async fn insert_events(tx: &mut SqliteConnection, events: &Events) -> Result<(), sqlx::Error> {
+        for row in 0..events.kinds.len() {
+            sqlx::query(
+                "INSERT INTO billing_events (kind, user_id, payload, created_at)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(events.kinds[row])
+            .bind(events.user_ids[row])
+            .bind(&events.payloads[row])
+            .bind(events.times[row])
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn write_grant_change(
+    tx: &mut SqliteConnection,
+    effect: &GrantEffect,
+) -> Result<(UserPackageRow, i64), sqlx::Error> {
+    let columns = USER_PACKAGE_COLUMNS;
+    let (query, voided) = match &effect.change {
+        GrantChange::Activate(activation) => {
+            let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE user_packages
+                 SET status = CASE WHEN unlimited OR remaining_credits > 0 THEN 'active' ELSE 'depleted' END,
+                     activated_at = $3, expires_at = $4, updated_at = $5
+                 WHERE user_id = $1 AND id = $2 AND status = 'pending'
+                 RETURNING {columns}"
+            )))
+            .bind(effect.user_id.get())
+            .bind(effect.grant_id.get())
+            .bind(activation.activated_at)
+            .bind(activation.expires_at)
+            .bind(effect.at);
+            (query, 0)
+        }
+        GrantChange::Revoke { .. } | GrantChange::Expire => {
+            let (ended, live) = match effect.change {
+                GrantChange::Expire => ("expired", "('active', 'depleted')"),
+                _ => ("revoked", "('pending', 'active', 'depleted')"),
+            };
+            // The batch holds the write lock: what the row holds now is what is voided.
+            let remaining: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT remaining_credits FROM user_packages
+                 WHERE user_id = $1 AND id = $2 AND status IN {live}"
+            )))
+            .bind(effect.user_id.get())
+            .bind(effect.grant_id.get())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE user_packages
+                 SET status = '{ended}',
+                     expired_credits = expired_credits + remaining_credits,
+                     remaining_credits = 0,
+                     updated_at = $3
+                 WHERE user_id = $1 AND id = $2 AND status IN {live}
+                 RETURNING {columns}"
+            )))
+            .bind(effect.user_id.get())
+            .bind(effect.grant_id.get())
+            .bind(effect.at);
+            (query, remaining.unwrap_or(0))
+        }
+    };
+    let row: Option<UserPackageRow> = query.fetch_optional(&mut *tx).await?;
+    let row = row.ok_or_else(|| protocol("a grant change found the grant in another status"))?;
+    Ok((row, voided))
+}

@@ -1,0 +1,605 @@
+//! The SQLite store, the embedded default: one file on the engine's machine, in WAL mode with
+//! `synchronous=FULL`, so an acknowledged deduction has reached the disk (the WAL is synced at
+//! every commit) and survives a crash of the engine or the machine. One engine process owns
+//! the file; several engine nodes, a large history or a DBA's tooling call for PostgreSQL.
+//!
+//! SQLite takes one writer at a time: the batch writer runs one lane, and every write
+//! transaction here starts with `BEGIN IMMEDIATE`, so it takes the write lock first (waiting up
+//! to [`BUSY_TIMEOUT`]) instead of failing when a read turns into a write. Readers never block
+//! and see one snapshot per transaction.
+
+pub(crate) mod batch;
+mod catalog;
+mod reports;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, QueryBuilder, Sqlite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::catalog::{PackageFields, PackageFilter, PackageSort, PriceFields};
+use super::reconcile::{
+    LEDGER_MISMATCHES_SQL, LedgerCheck, LedgerRow, MISMATCH_EVENT_KIND, ORPHAN_ALLOCATIONS_SQL,
+    OrphanAllocation, cut_orphans, limit_past,
+};
+use super::reports::{
+    ConsumptionExport, ConsumptionFilter, ConsumptionRow, EventFilter, EventRow, GroupBy,
+    StatisticsGroup, StatisticsSums,
+};
+use super::writer::{self, WriterHandle, WriterLimits};
+use super::{
+    ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, Backend, CONSUMPTION_HEAD_COLUMNS,
+    ConsumptionHead, GrantFilter, GrantListRow, Merge, Merged, PACKAGE_COLUMNS, PRICE_COLUMNS,
+    PackageRow, PoolUsage, SUMMARY_GRANTS_MAX, Store, StoredConsumption, USER_PACKAGE_COLUMNS,
+    UserPackageRow, assemble, grant_columns_of,
+};
+use crate::domain::{ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
+
+/// The migrations of the SQLite store, embedded in the binary and applied at start-up.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a write waits for another connection's write transaction to end.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens every write transaction: takes the write lock at once (see the module doc).
+const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
+/// The SQLite store over its pool.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating the file and its directory if missing) the database `database_url`
+    /// names, for example `sqlite://data/credits.db`, and applies the migrations.
+    pub async fn connect(database_url: &str, pool_max: u32) -> Result<SqliteStore, sqlx::Error> {
+        let options = connect_options(database_url)?;
+        if let Some(directory) = options.get_filename().parent() {
+            create_directory(directory)?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(pool_max.max(2))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+/// The options every connection to the file is opened with.
+pub fn connect_options(database_url: &str) -> Result<SqliteConnectOptions, sqlx::Error> {
+    let options = SqliteConnectOptions::from_str(database_url)?;
+    if options.get_filename() == Path::new(":memory:") {
+        // Each pooled connection would see a database of its own.
+        return Err(sqlx::Error::Configuration(
+            "an in-memory SQLite database cannot be shared by the engine's connections; \
+             name a file"
+                .into(),
+        ));
+    }
+    Ok(options
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(BUSY_TIMEOUT)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500)))
+}
+
+fn create_directory(directory: &Path) -> Result<(), sqlx::Error> {
+    if directory.as_os_str().is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(directory).map_err(|error| {
+        sqlx::Error::Configuration(
+            format!(
+                "cannot create the data directory {}: {error}",
+                directory.display()
+            )
+            .into(),
+        )
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    /// One lane, whatever `limits.lanes` says: SQLite has one writer at a time, and more lanes
+    /// would only queue for its lock.
+    fn spawn_writer(
+        &self,
+        limits: WriterLimits,
+        stop: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> std::io::Result<WriterHandle> {
+        let limits = WriterLimits { lanes: 1, ..limits };
+        writer::spawn_lanes::<batch::SqliteBatch>(self.pool.clone(), limits, stop, tracker)
+    }
+
+    async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(drop)
+    }
+
+    fn pool_usage(&self) -> PoolUsage {
+        PoolUsage {
+            size: self.pool.size(),
+            idle: self.pool.num_idle(),
+            max: self.pool.options().get_max_connections(),
+        }
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn load_action_prices(&self) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {PRICE_COLUMNS} FROM action_prices ORDER BY action_key"
+        )))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn load_packages(&self) -> Result<Vec<PackageRow>, sqlx::Error> {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {PACKAGE_COLUMNS} FROM packages ORDER BY sort_order, id"
+        )))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn insert_action_price(
+        &self,
+        action_key: &str,
+        fields: &PriceFields,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ActionPriceRow>, sqlx::Error> {
+        catalog::insert_action_price(&self.pool, action_key, fields, now).await
+    }
+
+    async fn update_action_price(
+        &self,
+        action_key: &str,
+        now: DateTime<Utc>,
+        merge: Merge<'_, ActionPriceRow, PriceFields>,
+    ) -> Result<Merged<ActionPriceRow>, sqlx::Error> {
+        catalog::update_action_price(&self.pool, action_key, now, merge).await
+    }
+
+    async fn list_action_prices(
+        &self,
+        enabled: Option<bool>,
+        after_key: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
+        catalog::list_action_prices(&self.pool, enabled, after_key, limit).await
+    }
+
+    async fn insert_package(
+        &self,
+        fields: &PackageFields,
+        now: DateTime<Utc>,
+    ) -> Result<PackageRow, sqlx::Error> {
+        catalog::insert_package(&self.pool, fields, now).await
+    }
+
+    async fn update_package(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+        merge: Merge<'_, PackageRow, PackageFields>,
+    ) -> Result<Merged<PackageRow>, sqlx::Error> {
+        catalog::update_package(&self.pool, id, now, merge).await
+    }
+
+    async fn delete_package(&self, id: i64, now: DateTime<Utc>) -> Result<bool, sqlx::Error> {
+        catalog::delete_package(&self.pool, id, now).await
+    }
+
+    async fn find_package(&self, id: i64) -> Result<Option<PackageRow>, sqlx::Error> {
+        catalog::find_package(&self.pool, id).await
+    }
+
+    async fn list_packages(
+        &self,
+        filter: &PackageFilter,
+        sort: PackageSort,
+        descending: bool,
+        after: Option<(i64, i64)>,
+        limit: i64,
+    ) -> Result<Vec<PackageRow>, sqlx::Error> {
+        catalog::list_packages(&self.pool, filter, sort, descending, after, limit).await
+    }
+
+    async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
+        let rows: Vec<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
+             WHERE user_id = $1 AND status IN ('pending', 'active', 'depleted')"
+        )))
+        .bind(user_id.get())
+        .fetch_all(&self.pool)
+        .await?;
+        super::wallet_grants(&rows)
+    }
+
+    async fn insert_grant(
+        &self,
+        user_id: UserId,
+        grant: &NewGrant,
+        external_ref: Option<&str>,
+        note: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(UserPackageRow, bool), sqlx::Error> {
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        if let Some(row) = insert_grant_in(&mut tx, user_id, grant, external_ref, note, now).await?
+        {
+            tx.commit().await?;
+            return Ok((row, true));
+        }
+        let existing: UserPackageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
+             WHERE user_id = $1 AND external_ref = $2"
+        )))
+        .bind(user_id.get())
+        .bind(external_ref)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        Ok((existing, false))
+    }
+
+    async fn register_user(
+        &self,
+        user_id: UserId,
+        grants: &[NewGrant],
+        now: DateTime<Utc>,
+    ) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error> {
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        let registered: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO user_registrations (user_id, registered_at) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
+        )
+        .bind(user_id.get())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if registered.is_none() {
+            tx.rollback().await?;
+            return Ok((false, Vec::new()));
+        }
+        let mut rows = Vec::with_capacity(grants.len());
+        for grant in grants {
+            // One per package and user, whatever else assigned that package before.
+            let external_ref = format!("new-user:{}", grant.package_id.get());
+            if let Some(row) =
+                insert_grant_in(&mut tx, user_id, grant, Some(&external_ref), None, now).await?
+            {
+                rows.push(row);
+            }
+        }
+        let package_ids: Vec<i64> = rows.iter().map(|row| row.package_id).collect();
+        insert_event(
+            &mut tx,
+            "billing_user_registered",
+            Some(user_id),
+            &serde_json::json!({ "assigned_package_ids": package_ids }),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((true, rows))
+    }
+
+    async fn find_user_package(
+        &self,
+        id: UserPackageId,
+    ) -> Result<Option<UserPackageRow>, sqlx::Error> {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE id = $1"
+        )))
+        .bind(id.get())
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    async fn list_grants(
+        &self,
+        filter: &GrantFilter,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<GrantListRow>, sqlx::Error> {
+        let mut query: QueryBuilder<Sqlite> = super::grants_query(filter, before, limit);
+        query.build_query_as().fetch_all(&self.pool).await
+    }
+
+    async fn live_grants(&self, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error> {
+        let columns = grant_columns_of("g");
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {columns}, p.name AS package_name
+             FROM user_packages g JOIN packages p ON p.id = g.package_id
+             WHERE g.user_id = $1 AND g.status IN ('pending', 'active', 'depleted')
+             ORDER BY g.id LIMIT $2"
+        )))
+        .bind(user_id.get())
+        .bind(SUMMARY_GRANTS_MAX + 1)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn due_expiries(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<(UserId, UserPackageId)>, sqlx::Error> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(super::DUE_EXPIRIES_SQL)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(super::expiry_keys(rows))
+    }
+
+    async fn find_consumption_by_key(
+        &self,
+        user_id: UserId,
+        key: &str,
+    ) -> Result<Option<StoredConsumption>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let found = find_consumptions_by_keys(&mut tx, &[user_id.get()], &[key]).await?;
+        tx.commit().await?;
+        Ok(found.into_iter().next().map(|(_, stored)| stored))
+    }
+
+    async fn find_consumption(
+        &self,
+        user_id: UserId,
+        id: ConsumptionId,
+    ) -> Result<Option<StoredConsumption>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c
+             WHERE c.user_id = $1 AND c.id = $2"
+        )))
+        .bind(user_id.get())
+        .bind(id.get())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(head) = head else { return Ok(None) };
+        let allocations = allocations_of(&mut tx, head.user_id, head.id).await?;
+        tx.commit().await?;
+        Ok(assemble(vec![head], allocations)?.into_iter().next())
+    }
+
+    async fn find_consumption_owner(
+        &self,
+        id: ConsumptionId,
+    ) -> Result<Option<UserId>, sqlx::Error> {
+        let owner: Option<i64> =
+            sqlx::query_scalar("SELECT user_id FROM consumption_records WHERE id = $1")
+                .bind(id.get())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(owner.map(UserId))
+    }
+
+    async fn list_consumption(
+        &self,
+        filter: &ConsumptionFilter,
+        after: Option<(DateTime<Utc>, i64)>,
+        limit: i64,
+    ) -> Result<Vec<ConsumptionRow>, sqlx::Error> {
+        reports::list_consumption(&self.pool, filter, after, limit).await
+    }
+
+    async fn consumption_statistics(
+        &self,
+        filter: &ConsumptionFilter,
+        group_by: GroupBy,
+        groups_max: i64,
+    ) -> Result<(Vec<StatisticsGroup>, StatisticsSums), sqlx::Error> {
+        reports::consumption_statistics(&self.pool, filter, group_by, groups_max).await
+    }
+
+    async fn open_export(
+        &self,
+        filter: &ConsumptionFilter,
+        rows_max: i64,
+    ) -> Result<Option<ConsumptionExport>, sqlx::Error> {
+        reports::open_export(&self.pool, filter, rows_max).await
+    }
+
+    async fn list_events(
+        &self,
+        filter: &EventFilter,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<EventRow>, sqlx::Error> {
+        reports::list_events(&self.pool, filter, before, limit).await
+    }
+
+    async fn ledger_mismatches(&self, max: usize) -> Result<LedgerCheck, sqlx::Error> {
+        let rows: Vec<LedgerRow> = sqlx::query_as(LEDGER_MISMATCHES_SQL)
+            .bind(limit_past(max))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(LedgerCheck::of(rows, max))
+    }
+
+    async fn orphan_allocations(
+        &self,
+        max: usize,
+    ) -> Result<(Vec<OrphanAllocation>, bool), sqlx::Error> {
+        let orphans = sqlx::query_as(ORPHAN_ALLOCATIONS_SQL)
+            .bind(limit_past(max))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(cut_orphans(orphans, max))
+    }
+
+    async fn insert_mismatch_events(
+        &self,
+        events: &[(i64, serde_json::Value)],
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        for (user_id, payload) in events {
+            insert_event(
+                &mut tx,
+                MISMATCH_EVENT_KIND,
+                Some(UserId(*user_id)),
+                payload,
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+}
+
+/// Inserts a grant and its events inside `tx`; `None` when `external_ref` is already taken.
+async fn insert_grant_in(
+    tx: &mut SqliteConnection,
+    user_id: UserId,
+    grant: &NewGrant,
+    external_ref: Option<&str>,
+    note: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Option<UserPackageRow>, sqlx::Error> {
+    // Grant ids come from one counter, as from PostgreSQL's sequence: unique across users.
+    let id: i64 = sqlx::query_scalar(
+        "UPDATE user_packages_id_seq SET last_value = last_value + 1 RETURNING last_value",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let inserted: Option<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO user_packages (user_id, id, package_id, source, status, priority, unlimited,
+             total_credits, remaining_credits, duration_days, activated_at, expires_at,
+             external_ref, note, created_at, updated_at)
+         VALUES ($1, $14, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13, $13)
+         ON CONFLICT (user_id, external_ref) DO NOTHING
+         RETURNING {USER_PACKAGE_COLUMNS}"
+    )))
+    .bind(user_id.get())
+    .bind(grant.package_id.get())
+    .bind(grant.source.as_str())
+    .bind(grant.status.as_str())
+    .bind(grant.priority)
+    .bind(grant.unlimited)
+    .bind(grant.total_credits.get())
+    .bind(grant.duration_days)
+    .bind(grant.activated_at)
+    .bind(grant.expires_at)
+    .bind(external_ref)
+    .bind(note)
+    .bind(now)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = inserted else {
+        return Ok(None);
+    };
+    let payload = super::grant_event_payload(&row);
+    insert_event(
+        &mut *tx,
+        "billing_package_assign",
+        Some(user_id),
+        &payload,
+        now,
+    )
+    .await?;
+    if grant.status == GrantStatus::Active {
+        insert_event(
+            &mut *tx,
+            "billing_package_activate",
+            Some(user_id),
+            &payload,
+            now,
+        )
+        .await?;
+    }
+    Ok(Some(row))
+}
+
+pub(super) async fn insert_event(
+    tx: &mut SqliteConnection,
+    kind: &str,
+    user_id: Option<UserId>,
+    payload: &serde_json::Value,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO billing_events (kind, user_id, payload, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(kind)
+    .bind(user_id.map(UserId::get))
+    .bind(payload)
+    .bind(now)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+async fn allocations_of(
+    conn: &mut SqliteConnection,
+    user_id: i64,
+    consumption_id: i64,
+) -> Result<Vec<AllocationRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits, a.refunded_credits,
+                a.forfeited_credits
+         FROM consumption_allocations a
+         WHERE a.user_id = $1 AND a.consumption_id = $2
+         ORDER BY a.user_package_id",
+    )
+    .bind(user_id)
+    .bind(consumption_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// The committed deductions of these (user, idempotency key) pairs, one lookup per pair
+/// (statements in process cost no round trip).
+pub(super) async fn find_consumptions_by_keys(
+    conn: &mut SqliteConnection,
+    user_ids: &[i64],
+    keys: &[&str],
+) -> Result<Vec<(String, StoredConsumption)>, sqlx::Error> {
+    let mut found = Vec::new();
+    for (&user_id, &key) in user_ids.iter().zip(keys) {
+        let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c
+             WHERE c.user_id = $1 AND c.idempotency_key = $2"
+        )))
+        .bind(user_id)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(head) = head else { continue };
+        let allocations = allocations_of(&mut *conn, head.user_id, head.id).await?;
+        if let Some(stored) = assemble(vec![head], allocations)?.into_iter().next() {
+            found.push((key.to_owned(), stored));
+        }
+    }
+    Ok(found)
+}

@@ -58,7 +58,15 @@ pub struct App {
 impl App {
     /// Connects to the database (creating it and applying migrations) and builds the engine.
     pub async fn build(settings: Settings) -> Result<App, StartupError> {
-        let db = store::connect(settings.database_url.expose(), settings.db_pool_max).await?;
+        let url = settings.database_url();
+        let db = store::connect(&url, settings.db_pool_max).await?;
+        match db.backend() {
+            // Only a file path: nothing secret in it.
+            store::Backend::Sqlite => {
+                tracing::info!(database = %url, "using the embedded SQLite store")
+            }
+            store::Backend::Postgres => tracing::info!("using the PostgreSQL store"),
+        }
         App::build_with(db, settings, Arc::new(SystemClock)).await
     }
 
@@ -70,10 +78,6 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> Result<App, StartupError> {
         let prometheus = metrics::install();
-        metrics::limits(
-            settings.wallets_max,
-            settings.writer_queue_max * settings.writer_lanes.max(1),
-        );
         let catalog = Arc::new(Catalog::load(&*db).await?);
         let tracker = TaskTracker::new();
         let writer_stop = CancellationToken::new();
@@ -88,6 +92,10 @@ impl App {
                 &tracker,
             )
             .map_err(StartupError::Writer)?;
+        metrics::limits(
+            settings.wallets_max,
+            settings.writer_queue_max * writer.lanes(),
+        );
         let deps = Arc::new(WalletDeps {
             db: db.clone(),
             writer: writer.clone(),

@@ -1,6 +1,7 @@
 //! Command line and environment: every flag also reads an environment variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -54,9 +55,15 @@ impl std::str::FromStr for Secret {
 
 #[derive(Clone, Debug, Args)]
 pub struct Settings {
-    /// PostgreSQL URL; the database is created if it does not exist.
+    /// Where the data is kept: `postgres://...` (the database is created if it does not
+    /// exist) or `sqlite://path/to/file.db`. Unset: an SQLite file, `credits.db` in
+    /// `--data-dir`.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Secret,
+    pub database_url: Option<Secret>,
+    /// The directory of the embedded SQLite database when no `DATABASE_URL` is given; created
+    /// if missing.
+    #[arg(long, env = "CREDITS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
 
     /// HTTP listen address.
     #[arg(long, env = "CREDITS_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
@@ -80,12 +87,13 @@ pub struct Settings {
     #[arg(long, env = "CREDITS_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<Secret>,
 
-    /// Connections in the PostgreSQL pool (reads, wallet loads, catalog writes). Each writer
+    /// Connections in the database pool (reads, wallet loads, catalog writes). Each writer
     /// lane has one connection of its own besides.
     #[arg(long, env = "CREDITS_DB_POOL_MAX", default_value_t = 16)]
     pub db_pool_max: u32,
 
     /// Writer lanes (each commits on its own connection; a user always maps to one lane).
+    /// SQLite takes one writer at a time, so it always runs one lane.
     #[arg(long, env = "CREDITS_WRITER_LANES", default_value_t = 1)]
     pub writer_lanes: usize,
 
@@ -147,6 +155,15 @@ impl Settings {
         }
     }
 
+    /// The URL of the database the engine keeps its data in: `DATABASE_URL`, else the SQLite
+    /// file `credits.db` in the data directory.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.expose().to_owned(),
+            None => format!("sqlite://{}", self.data_dir.join(DATA_FILE).display()),
+        }
+    }
+
     pub fn enqueue_wait(&self) -> Duration {
         Duration::from_millis(self.enqueue_wait_ms)
     }
@@ -167,6 +184,9 @@ impl Settings {
         Duration::from_millis(self.shutdown_timeout_ms)
     }
 }
+
+/// The embedded database's file name in the data directory.
+pub const DATA_FILE: &str = "credits.db";
 
 #[derive(Clone, Debug, Args)]
 pub struct TokenArgs {

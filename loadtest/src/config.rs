@@ -30,7 +30,8 @@ pub const DEFAULT_SERVICE_TOKEN: &str = "dev-service-token";
              baseline on the same workload, and checks that every credit is accounted for"
 )]
 pub struct Args {
-    /// PostgreSQL URL of the engine's database; the baseline uses its own schema in it.
+    /// URL of the engine's database, `postgres://...` or `sqlite://...`; the baseline (which
+    /// needs PostgreSQL) uses its own schema in it.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
@@ -110,7 +111,19 @@ pub struct Args {
 impl Args {
     /// The validated configuration: every limit checked, the target resolved.
     pub fn into_config(self) -> Result<Config, Error> {
-        let database = PgConnectOptions::from_str(&self.database_url)?;
+        let backend = Backend::of(&self.database_url)?;
+        let baseline_database = match (self.baseline, backend) {
+            (false, _) => None,
+            (true, Backend::Postgres) => Some(PgConnectOptions::from_str(&self.database_url)?),
+            (true, Backend::Sqlite) => {
+                return Err(Error::Config(
+                    "--baseline runs the naive design on PostgreSQL: give a postgres:// \
+                     --database-url"
+                        .into(),
+                ));
+            }
+        };
+        let database_url = self.database_url.clone();
         let engine = match (self.engine_bin, self.target) {
             (Some(bin), None) => EngineSource::Spawn {
                 bin,
@@ -144,10 +157,11 @@ impl Args {
         };
         workload.validate()?;
         Ok(Config {
-            database,
+            database_url,
+            backend,
+            baseline_database,
             engine,
             workload,
-            baseline: self.baseline,
         })
     }
 }
@@ -168,12 +182,34 @@ fn parse_target(target: &str) -> Result<SocketAddr, Error> {
 /// One run.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The engine's database.
-    pub database: PgConnectOptions,
+    /// The engine's database, for the run's set-up and checks.
+    pub database_url: String,
+    pub backend: Backend,
+    /// Where the baseline runs (`--baseline`): the same PostgreSQL database.
+    pub baseline_database: Option<PgConnectOptions>,
     pub engine: EngineSource,
     pub workload: Workload,
-    /// Run the naive baseline after the engine.
-    pub baseline: bool,
+}
+
+/// Which database the engine keeps its data in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn of(database_url: &str) -> Result<Backend, Error> {
+        if database_url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(Error::Config(
+                "--database-url must start with postgres://, postgresql:// or sqlite:".into(),
+            ))
+        }
+    }
 }
 
 /// Where the engine comes from.
@@ -351,7 +387,7 @@ mod tests {
         .unwrap();
         let config = args.into_config().unwrap();
         assert_eq!(config.workload.duration, Duration::from_millis(500));
-        assert!(config.baseline);
+        assert!(config.baseline_database.is_some());
         assert!(matches!(config.engine, EngineSource::Spawn { .. }));
     }
 

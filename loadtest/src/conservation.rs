@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::AnyPool;
 
 use crate::Error;
 use crate::driver::Ledger;
@@ -29,8 +29,8 @@ pub struct Tables {
 }
 
 pub const ENGINE_TABLES: Tables = Tables {
-    user_packages: "public.user_packages",
-    consumption_records: "public.consumption_records",
+    user_packages: "user_packages",
+    consumption_records: "consumption_records",
 };
 
 pub const BASELINE_TABLES: Tables = Tables {
@@ -80,7 +80,7 @@ struct Record {
 
 /// Compares `ledger` (what the phase was told) with `tables` for every user of `users`.
 pub async fn check(
-    pool: &PgPool,
+    pool: &AnyPool,
     tables: Tables,
     users: UserRange,
     credits_per_user: i64,
@@ -95,7 +95,8 @@ pub async fn check(
         ..Conservation::default()
     };
     let grants: Vec<(i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT user_id, SUM(remaining_credits)::bigint, SUM(expired_credits)::bigint
+        "SELECT user_id, CAST(SUM(remaining_credits) AS BIGINT),
+                CAST(SUM(expired_credits) AS BIGINT)
          FROM {} WHERE user_id BETWEEN $1 AND $2 GROUP BY user_id",
         tables.user_packages
     )))
@@ -112,17 +113,24 @@ pub async fn check(
     .bind(users.last())
     .fetch_all(pool)
     .await?;
-    let acked_ids: Vec<i64> = ledger.deducts.iter().map(|a| a.consumption_id).collect();
-    // An acknowledged id recorded for a user outside the run is in the wrong place.
+    let acked_ids: HashSet<i64> = ledger.deducts.iter().map(|a| a.consumption_id).collect();
+    // An acknowledged id recorded for a user outside the run is in the wrong place. Read by the
+    // range of acknowledged ids (a list of ids would pass SQLite's limit on bound values).
+    let (lowest, highest) = (
+        acked_ids.iter().min().copied().unwrap_or(0),
+        acked_ids.iter().max().copied().unwrap_or(-1),
+    );
     let strays: Vec<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT user_id, id FROM {} WHERE id = ANY($1) AND (user_id < $2 OR user_id > $3)",
+        "SELECT user_id, id FROM {} WHERE id BETWEEN $1 AND $2 AND (user_id < $3 OR user_id > $4)",
         tables.consumption_records
     )))
-    .bind(&acked_ids)
+    .bind(lowest)
+    .bind(highest)
     .bind(users.first)
     .bind(users.last())
     .fetch_all(pool)
     .await?;
+    let strays = strays.into_iter().filter(|(_, id)| acked_ids.contains(id));
 
     let mut by_id: HashMap<i64, Vec<&Record>> = HashMap::with_capacity(records.len());
     for record in &records {

@@ -45,7 +45,7 @@ pub mod report;
 pub mod stats;
 pub mod target;
 
-use sqlx::postgres::PgPoolOptions;
+use sqlx::any::AnyPoolOptions;
 
 pub use config::{Args, Config, EngineSource, HotUsers, Mix, Workload};
 pub use report::Summary;
@@ -96,13 +96,19 @@ pub async fn run(config: &Config) -> Result<Summary, Error> {
             service_token,
         } => (None, *addr, service_token.clone()),
     };
-    let pool = PgPoolOptions::new()
+    sqlx::any::install_default_drivers();
+    let pool = AnyPoolOptions::new()
         .max_connections(SETUP_POOL_MAX)
-        .connect_with(config.database.clone())
+        .connect(&config.database_url)
         .await?;
     let credits_cost = fixtures::action_cost(&pool, &workload.action_key).await?;
-    let users =
-        fixtures::create_engine_users(&pool, workload.users, workload.credits_per_user).await?;
+    let users = fixtures::create_engine_users(
+        &pool,
+        config.backend,
+        workload.users,
+        workload.credits_per_user,
+    )
+    .await?;
     progress!(
         "engine on {addr}: users {}..={}, {} workers, {:?}",
         users.first,
@@ -139,8 +145,8 @@ pub async fn run(config: &Config) -> Result<Summary, Error> {
         }
     );
 
-    let baseline = if config.baseline {
-        let (baseline, users) = Baseline::prepare(&config.database, workload, credits_cost).await?;
+    let baseline = if let Some(database) = &config.baseline_database {
+        let (baseline, users) = Baseline::prepare(database, workload, credits_cost).await?;
         progress!(
             "baseline ({}): users {}..={}, {} workers over {} connections, {:?}",
             baseline::SCHEMA,

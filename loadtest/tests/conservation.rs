@@ -8,11 +8,12 @@ use std::time::Duration;
 use credits_engine::app::App;
 use credits_engine::clock::SystemClock;
 use credits_engine::config::{Secret, Settings};
+use loadtest::config::Backend;
 use loadtest::conservation::{self, ENGINE_TABLES};
 use loadtest::driver::{DeductAck, Ledger, RefundAck};
 use loadtest::target::Outcome;
 use loadtest::{Config, EngineSource, HotUsers, Workload, fixtures};
-use sqlx::PgPool;
+use sqlx::AnyPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 const SERVICE_TOKEN: &str = "loadtest-test-token";
@@ -61,13 +62,14 @@ async fn engine_and_baseline_conserve_every_credit(
     }));
 
     let config = Config {
-        database: connect,
+        database_url: url_of(&connect),
+        backend: Backend::Postgres,
+        baseline_database: Some(connect),
         engine: EngineSource::Running {
             addr,
             service_token: SERVICE_TOKEN.into(),
         },
         workload: workload(),
-        baseline: true,
     };
     let summary = loadtest::run(&config).await.unwrap();
     stop.send(()).unwrap();
@@ -114,8 +116,14 @@ async fn engine_and_baseline_conserve_every_credit(
 /// The check is not a formality: a ledger that disagrees with the database is reported, with
 /// the user and the consumption named.
 #[sqlx::test(migrations = "../migrations/postgres")]
-async fn conservation_names_what_does_not_add_up(pool: PgPool) {
-    let users = fixtures::create_engine_users(&pool, 3, 100).await.unwrap();
+async fn conservation_names_what_does_not_add_up(
+    _pool_options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = any_pool(&url_of(&connect)).await;
+    let users = fixtures::create_engine_users(&pool, Backend::Postgres, 3, 100)
+        .await
+        .unwrap();
     let fine = conservation::check(&pool, ENGINE_TABLES, users, 100, &Ledger::default())
         .await
         .unwrap();
@@ -166,4 +174,81 @@ async fn conservation_names_what_does_not_add_up(pool: PgPool) {
     );
     assert!(problems.contains("off by -5"), "{problems}");
     assert!(problems.contains("off by -2"), "{problems}");
+}
+
+/// The engine on its embedded SQLite store, under the same workload: every credit accounted
+/// for there too (the baseline is PostgreSQL's, so it does not run).
+#[tokio::test]
+async fn the_engine_on_sqlite_conserves_every_credit() {
+    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("loadtest-conservation-{}.db", std::process::id()));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
+    let url = format!("sqlite://{}", file.display());
+    let mut settings = Settings::for_database(&url);
+    settings.listen_addr = "127.0.0.1:0".parse().unwrap();
+    settings.service_tokens = vec![Secret::new(SERVICE_TOKEN)];
+    settings.jwt_secret = Some(Secret::new("loadtest-test-jwt-secret"));
+    let store = credits_engine::store::sqlite::SqliteStore::connect(&url, 8)
+        .await
+        .unwrap();
+    let app = App::build_with(Arc::new(store), settings, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let addr = app.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+
+    let config = Config {
+        database_url: url,
+        backend: Backend::Sqlite,
+        baseline_database: None,
+        engine: EngineSource::Running {
+            addr,
+            service_token: SERVICE_TOKEN.into(),
+        },
+        workload: workload(),
+    };
+    let summary = loadtest::run(&config).await.unwrap();
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+
+    assert!(summary.baseline.is_none());
+    assert!(summary.conservation_ok, "{summary}");
+    let engine = &summary.engine;
+    assert!(engine.deducts_acknowledged > 0, "{summary}");
+    assert!(
+        engine.conservation.consumptions >= engine.deducts_acknowledged,
+        "{summary}"
+    );
+    assert!(engine.outcomes.get(Outcome::Replayed) > 0, "{summary}");
+    assert!(engine.conservation.refunds > 0, "{summary}");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
+}
+
+/// A URL for the test's database (the load generator connects by URL).
+fn url_of(connect: &PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        connect.get_username(),
+        connect.get_host(),
+        connect.get_port(),
+        connect
+            .get_database()
+            .expect("sqlx::test names its database"),
+    )
+}
+
+async fn any_pool(url: &str) -> AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .unwrap()
 }

@@ -155,6 +155,11 @@ impl WriterHandle {
         )
     }
 
+    /// How many lanes there are (at least one).
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
     /// Effects queued in each lane, waiting for a batch.
     pub fn queued_by_lane(&self) -> impl Iterator<Item = usize> + '_ {
         self.lanes

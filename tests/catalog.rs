@@ -1,5 +1,6 @@
 //! The catalog and user-package admin API, new users, and the public and user lists.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -11,10 +12,10 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_price_change_during_deducts_never_mixes_price_and_version(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(1_000_000), None).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn a_price_change_during_deducts_never_mixes_price_and_version(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(1_000_000), None).await;
+    let engine = engine_on(&db).await;
     for user in 1..=20 {
         engine.grant(user, credits, json!({})).await;
     }
@@ -46,12 +47,12 @@ async fn a_price_change_during_deducts_never_mixes_price_and_version(pool: PgPoo
 
     // The price of each version, as the audit log recorded it (version 1 is the default).
     let mut cost_of_version: HashMap<i64, i64> = HashMap::from([(1, 1)]);
-    let events: Vec<Value> = sqlx::query_scalar(
-        "SELECT payload FROM billing_events WHERE kind = 'billing_action_price_update'",
+    let events = payloads(
+        &db,
+        "SELECT CAST(payload AS TEXT) FROM billing_events
+         WHERE kind = 'billing_action_price_update'",
     )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(events.len(), 10, "one event per change");
     for event in events {
         cost_of_version.insert(
@@ -62,7 +63,7 @@ async fn a_price_change_during_deducts_never_mixes_price_and_version(pool: PgPoo
     let records: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
         "SELECT price_version, unit_cost, quantity, credits_cost FROM consumption_records",
     )
-    .fetch_all(&pool)
+    .fetch_all(&db.sql)
     .await
     .unwrap();
     assert_eq!(records.len(), 400);
@@ -74,7 +75,7 @@ async fn a_price_change_during_deducts_never_mixes_price_and_version(pool: PgPoo
         );
         assert_eq!(credits_cost, unit_cost * quantity);
     }
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
 
     // The snapshot holds the last price: the next deduct pays it.
     let (status, deducted) = engine
@@ -83,10 +84,11 @@ async fn a_price_change_during_deducts_never_mixes_price_and_version(pool: PgPoo
     assert_eq!(status, StatusCode::OK);
     assert_eq!(deducted["credits_cost"], 11);
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn action_prices_are_created_changed_disabled_and_validated(pool: PgPool) {
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn action_prices_are_created_changed_disabled_and_validated(db: TestDb) {
+    let engine = engine_on(&db).await;
     let (status, created) = engine
         .admin(
             "POST",
@@ -172,7 +174,7 @@ async fn action_prices_are_created_changed_disabled_and_validated(pool: PgPool) 
     assert_eq!(second["next_cursor"], Value::Null);
 
     // Bad input names its field and writes nothing.
-    let events_before = count(&pool, "SELECT count(*) FROM billing_events").await;
+    let events_before = count(&db, "SELECT count(*) FROM billing_events").await;
     for (method, path, body, field, status) in [
         (
             "POST",
@@ -245,7 +247,7 @@ async fn action_prices_are_created_changed_disabled_and_validated(pool: PgPool) 
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(missing["error"]["code"], "unknown_action");
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM billing_events").await,
+        count(&db, "SELECT count(*) FROM billing_events").await,
         events_before
     );
     let (_, chat) = engine
@@ -260,10 +262,11 @@ async fn action_prices_are_created_changed_disabled_and_validated(pool: PgPool) 
         .clone();
     assert_eq!(chat["version"], 1, "a refused change changed nothing");
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn packages_follow_the_two_by_two_and_soft_delete_keeps_grants(pool: PgPool) {
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn packages_follow_the_two_by_two_and_soft_delete_keeps_grants(db: TestDb) {
+    let engine = engine_on(&db).await;
     for (body, field) in [
         (
             json!({"name": "x", "package_type": "hybrid", "credits_amount": 10}),
@@ -309,7 +312,7 @@ async fn packages_follow_the_two_by_two_and_soft_delete_keeps_grants(pool: PgPoo
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {error}");
         assert_eq!(error["error"]["field"], field, "{body}: {error}");
     }
-    assert_eq!(count(&pool, "SELECT count(*) FROM packages").await, 2);
+    assert_eq!(count(&db, "SELECT count(*) FROM packages").await, 2);
 
     let (status, pack) = engine
         .admin(
@@ -425,7 +428,7 @@ async fn packages_follow_the_two_by_two_and_soft_delete_keeps_grants(pool: PgPoo
     assert_eq!(bad["error"]["field"], "id");
     let kinds: Vec<String> =
         sqlx::query_scalar("SELECT kind FROM billing_events WHERE user_id IS NULL ORDER BY id")
-            .fetch_all(&pool)
+            .fetch_all(&db.sql)
             .await
             .unwrap();
     assert_eq!(
@@ -439,10 +442,11 @@ async fn packages_follow_the_two_by_two_and_soft_delete_keeps_grants(pool: PgPoo
         ]
     );
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn package_lists_sort_filter_and_page(pool: PgPool) {
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn package_lists_sort_filter_and_page(db: TestDb) {
+    let engine = engine_on(&db).await;
     for (n, price) in [(1, 500), (2, 100), (3, 300), (4, 200)] {
         let (status, _) = engine
             .admin(
@@ -492,6 +496,7 @@ async fn package_lists_sort_filter_and_page(pool: PgPool) {
         assert_eq!(error["error"]["field"], field);
     }
 }
+}
 
 async fn public_package_ids(engine: &TestEngine) -> Vec<i64> {
     let (status, public) = engine.get("/api/billing/packages", None).await;
@@ -508,9 +513,9 @@ fn ids_of(list: &Value) -> Vec<i64> {
         .collect()
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn registering_twice_at_once_assigns_new_user_packages_once(pool: PgPool) {
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn registering_twice_at_once_assigns_new_user_packages_once(db: TestDb) {
+    let engine = engine_on(&db).await;
     let register = || {
         engine.internal(
             "/api/internal/billing/users/registered",
@@ -530,7 +535,7 @@ async fn registering_twice_at_once_assigns_new_user_packages_once(pool: PgPool) 
     let grants: Vec<(i64, String, i64)> = sqlx::query_as(
         "SELECT package_id, source, total_credits FROM user_packages WHERE user_id = 42",
     )
-    .fetch_all(&pool)
+    .fetch_all(&db.sql)
     .await
     .unwrap();
     assert_eq!(grants, [(1, "system".to_owned(), 10)]);
@@ -555,13 +560,13 @@ async fn registering_twice_at_once_assigns_new_user_packages_once(pool: PgPool) 
     assert_eq!(first.1["id"], second.1["id"]);
     assert_eq!(
         count(
-            &pool,
+            &db,
             "SELECT count(*) FROM user_packages WHERE external_ref = 'order-9'"
         )
         .await,
         1
     );
-    assert_eq!(remaining_of(&pool, 42).await, 110);
+    assert_eq!(remaining_of(&db, 42).await, 110);
 
     let (status, bad) = engine
         .internal(
@@ -572,11 +577,12 @@ async fn registering_twice_at_once_assigns_new_user_packages_once(pool: PgPool) 
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(bad["error"]["field"], "user_id");
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn grants_activate_and_revoke_through_the_wallet(pool: PgPool) {
-    let hybrid = create_package(&pool, "hybrid", Some(30), Some(10)).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn grants_activate_and_revoke_through_the_wallet(db: TestDb) {
+    let hybrid = create_package(&db, "hybrid", Some(30), Some(10)).await;
+    let engine = engine_on(&db).await;
     let pending = engine.grant(5, hybrid, json!({"activate": false})).await;
 
     // Pending credits cannot be spent.
@@ -645,15 +651,15 @@ async fn grants_activate_and_revoke_through_the_wallet(pool: PgPool) {
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let voided: Value = sqlx::query_scalar(
-        "SELECT payload FROM billing_events WHERE kind = 'billing_package_revoke'",
+    let voided = payloads(
+        &db,
+        "SELECT CAST(payload AS TEXT) FROM billing_events WHERE kind = 'billing_package_revoke'",
     )
-    .fetch_one(&pool)
     .await
-    .unwrap();
+    .remove(0);
     assert_eq!(voided["voided_credits"], 30 - paid * 3);
     assert_eq!(voided["reason"], "chargeback");
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
 
     // The admin sees the user's grants.
     let (status, listed) = engine
@@ -662,12 +668,13 @@ async fn grants_activate_and_revoke_through_the_wallet(pool: PgPool) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(listed["items"][0]["status"], "revoked");
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn users_see_their_own_credits_with_unlimited_grants_as_unlimited(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(25), None).await;
-    let unlimited = create_package(&pool, "duration", None, Some(30)).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn users_see_their_own_credits_with_unlimited_grants_as_unlimited(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(25), None).await;
+    let unlimited = create_package(&db, "duration", None, Some(30)).await;
+    let engine = engine_on(&db).await;
     engine.grant(8, credits, json!({})).await;
     engine.grant(9, credits, json!({})).await;
     let (status, summary) = engine
@@ -729,6 +736,7 @@ async fn users_see_their_own_credits_with_unlimited_grants_as_unlimited(pool: Pg
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(refused["error"]["field"], "user_id");
+}
 }
 
 #[sqlx::test(migrations = "./migrations/postgres")]

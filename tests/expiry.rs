@@ -9,17 +9,12 @@ use common::*;
 use serde_json::{Value, json};
 
 async fn expired_events(db: &TestDb) -> Vec<Value> {
-    let payloads: Vec<String> = sqlx::query_scalar(
+    payloads(
+        db,
         "SELECT CAST(payload AS TEXT) FROM billing_events
          WHERE kind = 'billing_package_expired' ORDER BY id",
     )
-    .fetch_all(&db.sql)
     .await
-    .unwrap();
-    payloads
-        .iter()
-        .map(|payload| serde_json::from_str(payload).unwrap())
-        .collect()
 }
 
 backend_tests! {

@@ -1,5 +1,6 @@
 //! Reconciliation: the ledger and live wallets against the database, reported and never fixed.
 
+#[macro_use]
 mod common;
 
 use axum::http::StatusCode;
@@ -9,32 +10,35 @@ use sqlx::PgPool;
 
 const PATH: &str = "/api/admin/billing/reconciliation";
 
-async fn mismatch_events(pool: &PgPool) -> Vec<(Option<i64>, Value)> {
-    sqlx::query_as(
-        "SELECT user_id, payload FROM billing_events
+async fn mismatch_events(db: &TestDb) -> Vec<(Option<i64>, Value)> {
+    let rows: Vec<(Option<i64>, String)> = sqlx::query_as(
+        "SELECT user_id, CAST(payload AS TEXT) FROM billing_events
          WHERE kind = 'billing_reconciliation_mismatch' ORDER BY id",
     )
-    .fetch_all(pool)
+    .fetch_all(&db.sql)
     .await
-    .unwrap()
+    .unwrap();
+    rows.into_iter()
+        .map(|(user_id, payload)| (user_id, serde_json::from_str(&payload).unwrap()))
+        .collect()
 }
 
-async fn balance_of(pool: &PgPool, id: i64) -> (String, i64, i64, i64, i64) {
+async fn balance_of(db: &TestDb, id: i64) -> (String, i64, i64, i64, i64) {
     sqlx::query_as(
         "SELECT status, total_credits, used_credits, remaining_credits, expired_credits
          FROM user_packages WHERE id = $1",
     )
     .bind(id)
-    .fetch_one(pool)
+    .fetch_one(&db.sql)
     .await
     .unwrap()
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_clean_ledger_after_deducts_and_refunds_reports_nothing(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(100), None).await;
-    let unlimited = create_package(&pool, "permanent", None, None).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn a_clean_ledger_after_deducts_and_refunds_reports_nothing(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(100), None).await;
+    let unlimited = create_package(&db, "permanent", None, None).await;
+    let engine = engine_on(&db).await;
     engine.grant(5, credits, json!({})).await;
     engine.grant(6, unlimited, json!({})).await;
     for (user_id, key) in [(5, "a"), (5, "b"), (6, "c")] {
@@ -58,14 +62,15 @@ async fn a_clean_ledger_after_deducts_and_refunds_reports_nothing(pool: PgPool) 
     assert_eq!(report["checked_grants"], 2);
     assert_eq!(report["checked_wallets"], 2);
     assert!(report["checked_at"].is_string());
-    assert!(mismatch_events(&pool).await.is_empty());
+    assert!(mismatch_events(&db).await.is_empty());
     engine.stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_planted_ledger_mismatch_is_reported_and_written_but_not_fixed(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(100), None).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn a_planted_ledger_mismatch_is_reported_and_written_but_not_fixed(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(100), None).await;
+    let engine = engine_on(&db).await;
     let grant = engine.grant(5, credits, json!({})).await;
     let (status, _) = engine
         .deduct(json!({"user_id": 5, "action_key": "advanced_analysis"}))
@@ -73,16 +78,16 @@ async fn a_planted_ledger_mismatch_is_reported_and_written_but_not_fixed(pool: P
     assert_eq!(status, StatusCode::OK);
     // Restart first, so no live wallet holds the grant and only the ledger disagrees.
     engine.stop().await;
-    let engine = common::engine(pool.clone()).await;
+    let engine = common::engine_on(&db).await;
     sqlx::query(
         "UPDATE user_packages SET used_credits = used_credits + 5,
              remaining_credits = remaining_credits - 5 WHERE id = $1",
     )
     .bind(grant)
-    .execute(&pool)
+    .execute(&db.sql)
     .await
     .unwrap();
-    let planted = balance_of(&pool, grant).await;
+    let planted = balance_of(&db, grant).await;
     assert_eq!(planted, ("active".into(), 100, 8, 92, 0));
 
     let (status, report) = engine.admin("GET", PATH, None).await;
@@ -96,13 +101,13 @@ async fn a_planted_ledger_mismatch_is_reported_and_written_but_not_fixed(pool: P
     assert_eq!(report["checked_wallets"], 0);
 
     // One event with the details; the row is exactly as planted.
-    assert_eq!(mismatch_events(&pool).await, vec![(Some(5), expected)]);
-    assert_eq!(balance_of(&pool, grant).await, planted);
+    assert_eq!(mismatch_events(&db).await, vec![(Some(5), expected)]);
+    assert_eq!(balance_of(&db, grant).await, planted);
 
     // Every run reports it again (and writes it again): nothing was silently repaired.
     let (_, again) = engine.admin("GET", PATH, None).await;
     assert_eq!(again["mismatches"].as_array().unwrap().len(), 1);
-    assert_eq!(mismatch_events(&pool).await.len(), 2);
+    assert_eq!(mismatch_events(&db).await.len(), 2);
     // The run is counted in the metrics, with its mismatch.
     assert_eq!(
         metric(&engine, "credits_reconciliation_last_mismatches").await,
@@ -111,13 +116,14 @@ async fn a_planted_ledger_mismatch_is_reported_and_written_but_not_fixed(pool: P
     assert!(metric(&engine, "credits_reconciliation_mismatches_total").await >= 2.0);
     engine.stop().await;
 }
+}
 
+backend_tests! {
 /// What the dropped foreign keys of `consumption_allocations` forbade (migration 0002) is still
 /// caught: an allocation naming a missing grant or consumption record.
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn an_allocation_without_its_grant_or_consumption_is_reported(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(100), None).await;
-    let engine = engine(pool.clone()).await;
+async fn an_allocation_without_its_grant_or_consumption_is_reported(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(100), None).await;
+    let engine = engine_on(&db).await;
     let grant = engine.grant(5, credits, json!({})).await;
     let (status, deducted) = engine
         .deduct(json!({"user_id": 5, "action_key": "advanced_analysis"}))
@@ -130,7 +136,7 @@ async fn an_allocation_without_its_grant_or_consumption_is_reported(pool: PgPool
     )
     .bind(consumption)
     .bind(grant)
-    .execute(&pool)
+    .execute(&db.sql)
     .await
     .unwrap();
     // The second plant also unbalances the real grant's ledger: its allocations now say 4.
@@ -155,14 +161,15 @@ async fn an_allocation_without_its_grant_or_consumption_is_reported(pool: PgPool
                "user_package_id": grant, "credits": 1,
                "consumption_missing": true, "grant_missing": false})
     );
-    assert_eq!(mismatch_events(&pool).await.len(), 3);
+    assert_eq!(mismatch_events(&db).await.len(), 3);
     engine.stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_wallet_whose_memory_disagrees_with_the_database_is_reported(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(100), None).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn a_wallet_whose_memory_disagrees_with_the_database_is_reported(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(100), None).await;
+    let engine = engine_on(&db).await;
     let grant = engine.grant(5, credits, json!({})).await;
     let (status, _) = engine
         .deduct(json!({"user_id": 5, "action_key": "advanced_analysis"}))
@@ -175,7 +182,7 @@ async fn a_wallet_whose_memory_disagrees_with_the_database_is_reported(pool: PgP
              remaining_credits = remaining_credits + 10 WHERE id = $1",
     )
     .bind(grant)
-    .execute(&pool)
+    .execute(&db.sql)
     .await
     .unwrap();
 
@@ -191,30 +198,33 @@ async fn a_wallet_whose_memory_disagrees_with_the_database_is_reported(pool: PgP
         "memory": view(100, 97), "stored": view(110, 107),
     });
     assert_eq!(report["mismatches"], json!([expected]));
-    assert_eq!(mismatch_events(&pool).await, vec![(Some(5), expected)]);
+    assert_eq!(mismatch_events(&db).await, vec![(Some(5), expected)]);
     // Memory was not overwritten either: the wallet still disagrees on the next run.
     let (_, again) = engine.admin("GET", PATH, None).await;
     assert_eq!(again["mismatches"].as_array().unwrap().len(), 1);
     assert_eq!(
-        balance_of(&pool, grant).await,
+        balance_of(&db, grant).await,
         ("active".into(), 110, 3, 107, 0)
     );
     engine.stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn only_admins_may_run_reconciliation(pool: PgPool) {
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn only_admins_may_run_reconciliation(db: TestDb) {
+    let engine = engine_on(&db).await;
     let (status, body) = engine.get(PATH, Some(&user_token(5))).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let (status, _) = engine.get(PATH, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(mismatch_events(&pool).await.is_empty());
+    assert!(mismatch_events(&db).await.is_empty());
     engine.stop().await;
+}
 }
 
 #[sqlx::test(migrations = "./migrations/postgres")]
 async fn the_background_job_writes_mismatches_and_stops_with_the_engine(pool: PgPool) {
+    let db = TestDb::postgres(pool.clone()).await;
     let credits = create_package(&pool, "credits", Some(100), None).await;
     let grant: i64 = sqlx::query_scalar(
         "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
@@ -239,7 +249,7 @@ async fn the_background_job_writes_mismatches_and_stops_with_the_engine(pool: Pg
     // Used 4 with no allocation behind it: the job finds it within a few intervals.
     let mut events = Vec::new();
     for _ in 0..100 {
-        events = mismatch_events(&pool).await;
+        events = mismatch_events(&db).await;
         if !events.is_empty() {
             break;
         }
@@ -252,7 +262,7 @@ async fn the_background_job_writes_mismatches_and_stops_with_the_engine(pool: Pg
     // Stopping waits for the job: it would hang here if the job ignored its stop.
     app.stop().await;
     assert_eq!(
-        balance_of(&pool, grant).await,
+        balance_of(&db, grant).await,
         ("active".into(), 100, 4, 96, 0)
     );
 }

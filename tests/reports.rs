@@ -1,6 +1,7 @@
 //! The read-only reports against a real PostgreSQL: consumption list, statistics and CSV
 //! export, the audit log, the user's own history, and the parameters they refuse.
 
+#[macro_use]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -25,9 +26,9 @@ fn tricky_metadata() -> Value {
 /// Three users over three UTC days (2026-01-01 .. 03), with refunds, an idempotency key and
 /// metadata that needs quoting. Several records share a timestamp, so the keyset's id
 /// tie-break matters.
-async fn seeded(pool: &PgPool) -> TestEngine {
-    let package = create_package(pool, "credits", Some(100), None).await;
-    let engine = engine(pool.clone()).await;
+async fn seeded(db: &TestDb) -> TestEngine {
+    let package = create_package(db, "credits", Some(100), None).await;
+    let engine = engine_on(db).await;
     for user in [7, 8, 9] {
         engine.grant(user, package, json!({})).await;
     }
@@ -100,13 +101,12 @@ fn ids(items: &[Value]) -> Vec<i64> {
 }
 
 /// Consumption ids newest first, as SQL selects them with `condition`.
-async fn sql_ids(pool: &PgPool, condition: &str) -> Vec<i64> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT id FROM consumption_records WHERE {condition} ORDER BY created_at DESC, id DESC"
-    )))
-    .fetch_all(pool)
-    .await
-    .unwrap()
+async fn sql_ids<'a>(db: impl Into<SqlRef<'a>>, condition: &str) -> Vec<i64> {
+    db.into()
+        .ids(&format!(
+            "SELECT id FROM consumption_records WHERE {condition} ORDER BY created_at DESC, id DESC"
+        ))
+        .await
 }
 
 fn time(value: &Value) -> DateTime<Utc> {
@@ -115,14 +115,14 @@ fn time(value: &Value) -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn admin_list_pages_every_row_once_and_filters_like_sql(pool: PgPool) {
-    let engine = seeded(&pool).await;
+backend_tests! {
+async fn admin_list_pages_every_row_once_and_filters_like_sql(db: TestDb) {
+    let engine = seeded(&db).await;
     let admin = admin_token();
 
     let everything = all_pages(&engine, &format!("{CONSUMPTION}?limit=2"), &admin).await;
     assert_eq!(everything.len(), 9);
-    assert_eq!(ids(&everything), sql_ids(&pool, "true").await);
+    assert_eq!(ids(&everything), sql_ids(&db, "true").await);
     let times: Vec<DateTime<Utc>> = everything.iter().map(|i| time(&i["created_at"])).collect();
     assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first");
     // One page of 500 is the same list.
@@ -139,17 +139,17 @@ async fn admin_list_pages_every_row_once_and_filters_like_sql(pool: PgPool) {
         ("status=completed", "status = 'completed'"),
         (
             "from=2026-01-02T00:00:00Z&to=2026-01-03T00:00:00Z",
-            "created_at >= '2026-01-02T00:00:00Z' AND created_at < '2026-01-03T00:00:00Z'",
+            "created_at >= '2026-01-02T00:00:00+00:00' AND created_at < '2026-01-03T00:00:00+00:00'",
         ),
         (
             "user_id=7&action_key=ai_chat&from=2026-01-01T00:00:00Z",
-            "user_id = 7 AND action_key = 'ai_chat' AND created_at >= '2026-01-01T00:00:00Z'",
+            "user_id = 7 AND action_key = 'ai_chat' AND created_at >= '2026-01-01T00:00:00+00:00'",
         ),
         ("user_id=12345", "user_id = 12345"),
     ];
     for (query, condition) in filters {
         let items = all_pages(&engine, &format!("{CONSUMPTION}?limit=1&{query}"), &admin).await;
-        assert_eq!(ids(&items), sql_ids(&pool, condition).await, "{query}");
+        assert_eq!(ids(&items), sql_ids(&db, condition).await, "{query}");
     }
     let refunded = all_pages(&engine, &format!("{CONSUMPTION}?status=refunded"), &admin).await;
     assert_eq!(refunded.len(), 2);
@@ -187,16 +187,17 @@ async fn admin_list_pages_every_row_once_and_filters_like_sql(pool: PgPool) {
             "SELECT user_package_id FROM consumption_allocations WHERE consumption_id = $1",
         )
         .bind(item["id"].as_i64().unwrap())
-        .fetch_one(&pool)
+        .fetch_one(&db.sql)
         .await
         .unwrap();
         assert_eq!(allocations[0]["user_package_id"], stored);
     }
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn csv_export_parses_back_into_the_rows_of_the_list(pool: PgPool) {
-    let engine = seeded(&pool).await;
+backend_tests! {
+async fn csv_export_parses_back_into_the_rows_of_the_list(db: TestDb) {
+    let engine = seeded(&db).await;
     let admin = admin_token();
     for query in ["", "?user_id=7", "?status=refunded&action_key=ai_chat"] {
         let answer = call(
@@ -313,6 +314,7 @@ async fn csv_export_parses_back_into_the_rows_of_the_list(pool: PgPool) {
     assert_eq!(empty.status, StatusCode::OK);
     assert_eq!(empty.text().lines().count(), 1);
 }
+}
 
 /// Sums of list items by a key, as the statistics should report them.
 fn expected_groups(items: &[Value], key: impl Fn(&Value) -> String) -> BTreeMap<String, Value> {
@@ -346,9 +348,9 @@ fn sums(value: &Value) -> Value {
     })
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn statistics_agree_with_the_rows_they_summarise(pool: PgPool) {
-    let engine = seeded(&pool).await;
+backend_tests! {
+async fn statistics_agree_with_the_rows_they_summarise(db: TestDb) {
+    let engine = seeded(&db).await;
     let admin = admin_token();
 
     for filter in [
@@ -448,21 +450,22 @@ async fn statistics_agree_with_the_rows_they_summarise(pool: PgPool) {
     assert_eq!(by_day["totals"]["refunded_credits"], 6);
     assert_eq!(by_day["totals"]["net_credits"], 15);
     let sql_total: i64 = count(
-        &pool,
-        "SELECT SUM(credits_cost)::bigint FROM consumption_records",
+        &db,
+        "SELECT CAST(SUM(credits_cost) AS BIGINT) FROM consumption_records",
     )
     .await;
     assert_eq!(by_day["totals"]["credits"], sql_total);
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn events_list_filters_by_kind_and_user_and_pages(pool: PgPool) {
-    let engine = seeded(&pool).await;
+backend_tests! {
+async fn events_list_filters_by_kind_and_user_and_pages(db: TestDb) {
+    let engine = seeded(&db).await;
     let admin = admin_token();
 
     let everything = all_pages(&engine, &format!("{EVENTS}?limit=3"), &admin).await;
     let sql: Vec<i64> = sqlx::query_scalar("SELECT id FROM billing_events ORDER BY id DESC")
-        .fetch_all(&pool)
+        .fetch_all(&db.sql)
         .await
         .unwrap();
     assert_eq!(ids(&everything), sql);
@@ -502,7 +505,7 @@ async fn events_list_filters_by_kind_and_user_and_pages(pool: PgPool) {
         "SELECT id FROM billing_events WHERE kind = 'billing_credits_deduct' AND user_id = 8
          ORDER BY id DESC",
     )
-    .fetch_all(&pool)
+    .fetch_all(&db.sql)
     .await
     .unwrap();
     assert_eq!(ids(&user_8), sql);
@@ -543,14 +546,15 @@ async fn events_list_filters_by_kind_and_user_and_pages(pool: PgPool) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(nothing["items"], json!([]));
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_user_sees_only_their_own_consumption(pool: PgPool) {
-    let engine = seeded(&pool).await;
+backend_tests! {
+async fn a_user_sees_only_their_own_consumption(db: TestDb) {
+    let engine = seeded(&db).await;
     let token = user_token(7);
 
     let mine = all_pages(&engine, &format!("{USER_CONSUMPTION}?limit=2"), &token).await;
-    assert_eq!(ids(&mine), sql_ids(&pool, "user_id = 7").await);
+    assert_eq!(ids(&mine), sql_ids(&db, "user_id = 7").await);
     assert_eq!(mine.len(), 4);
     assert!(mine.iter().all(|item| item["user_id"] == 7));
     assert!(mine.iter().all(|item| item["allocations"].is_array()));
@@ -563,8 +567,8 @@ async fn a_user_sees_only_their_own_consumption(pool: PgPool) {
     assert_eq!(
         ids(&chats),
         sql_ids(
-            &pool,
-            "user_id = 7 AND action_key = 'ai_chat' AND created_at >= '2026-01-02T00:00:00Z'"
+            &db,
+            "user_id = 7 AND action_key = 'ai_chat' AND created_at >= '2026-01-02T00:00:00+00:00'"
         )
         .await
     );
@@ -583,10 +587,11 @@ async fn a_user_sees_only_their_own_consumption(pool: PgPool) {
     let (status, _) = engine.get(EXPORT, Some(&token)).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn bad_parameters_are_422_naming_the_parameter(pool: PgPool) {
-    let engine = engine(pool).await;
+backend_tests! {
+async fn bad_parameters_are_422_naming_the_parameter(db: TestDb) {
+    let engine = engine_on(&db).await;
     let admin = admin_token();
     let forged = hex::encode("not-a-cursor");
     let reversed = "from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z";
@@ -640,6 +645,7 @@ async fn bad_parameters_are_422_naming_the_parameter(pool: PgPool) {
         assert_eq!(body["error"]["code"], "invalid_field", "{path}");
         assert_eq!(body["error"]["field"], field, "{path}: {body}");
     }
+}
 }
 
 #[sqlx::test(migrations = "./migrations/postgres")]

@@ -201,6 +201,29 @@ impl SqlRef<'_> {
     }
 }
 
+impl SqlRef<'_> {
+    /// The `bigint`s of the first column `sql` answers, in its order.
+    pub async fn ids(self, sql: &str) -> Vec<i64> {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            SqlRef::Pg(pool) => sqlx::query_scalar(sql).fetch_all(pool).await.unwrap(),
+            SqlRef::Test(db) => sqlx::query_scalar(sql).fetch_all(&db.sql).await.unwrap(),
+        }
+    }
+}
+
+/// The JSON documents `sql` answers as text (`CAST(payload AS TEXT)`), parsed, in its order.
+pub async fn payloads(db: &TestDb, sql: &str) -> Vec<Value> {
+    let texts: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_all(&db.sql)
+        .await
+        .unwrap();
+    texts
+        .iter()
+        .map(|text| serde_json::from_str(text).expect("a JSON column holds JSON"))
+        .collect()
+}
+
 pub struct TestEngine {
     pub app: App,
     pub router: Router,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The first half of the README's test command: on a fresh Debian machine it installs what the
-# tests use besides Rust and PostgreSQL (each is skipped when already there). The second half
-# runs every test of the workspace: `cargo nextest run --workspace`.
+# tests use besides Rust and PostgreSQL (each is skipped when already there), and stops with a
+# clear message when PostgreSQL does not answer: the suite runs its backend tests on PostgreSQL
+# and on SQLite, and the PostgreSQL half is required. The second half runs every test of the
+# workspace: `cargo nextest run --workspace`.
 #
 #   promtool   Debian's prometheus package: tests/dashboards.rs checks the alert rules with it
 #   chromium   Debian's chromium: tests/console_browser.rs drives the console in it
@@ -24,3 +26,11 @@ if [ "${#packages[@]}" -gt 0 ]; then
 fi
 [ -d e2e/node_modules/playwright-core ] || npm ci --prefix e2e --no-audit --no-fund
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+
+# The server the README's command points the tests at (or DATABASE_URL, when set).
+postgres_url="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+if command -v pg_isready >/dev/null && ! pg_isready -q -d "$postgres_url"; then
+    echo "test-deps: PostgreSQL at ${postgres_url#*@} does not answer; the tests need it." >&2
+    echo "test-deps: start it, for example: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2
+    exit 1
+fi

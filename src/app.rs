@@ -53,12 +53,19 @@ pub struct App {
     /// The writer lanes and supervisor jobs: shutdown waits for them to finish.
     tracker: TaskTracker,
     settings: Settings,
+    /// The SQLite file's lock for this process (see `FileOwner`), held until the engine has
+    /// stopped.
+    owner: Option<store::sqlite::FileOwner>,
 }
 
 impl App {
     /// Connects to the database (creating it and applying migrations) and builds the engine.
     pub async fn build(settings: Settings) -> Result<App, StartupError> {
         let url = settings.database_url();
+        let owner = match store::Backend::of_url(&url) {
+            Some(store::Backend::Sqlite) => Some(store::sqlite::FileOwner::take(&url)?),
+            _ => None,
+        };
         let db = store::connect(&url, settings.db_pool_max).await?;
         match db.backend() {
             // Only a file path: nothing secret in it.
@@ -67,7 +74,9 @@ impl App {
             }
             store::Backend::Postgres => tracing::info!("using the PostgreSQL store"),
         }
-        App::build_with(db, settings, Arc::new(SystemClock)).await
+        let mut app = App::build_with(db, settings, Arc::new(SystemClock)).await?;
+        app.owner = owner;
+        Ok(app)
     }
 
     /// Builds the engine on a connected, migrated store and a clock (tests inject a manual
@@ -168,6 +177,7 @@ impl App {
             supervisor_stop,
             tracker,
             settings,
+            owner: None,
         })
     }
 

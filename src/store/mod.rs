@@ -46,6 +46,17 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The backend a database URL names, by its scheme.
+    pub fn of_url(database_url: &str) -> Option<Backend> {
+        if database_url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Postgres => "postgres",
@@ -58,18 +69,16 @@ impl Backend {
 /// `sqlite:` URL names a file, which is created with its directory if missing), applies its
 /// migrations and answers the store. `pool_max` bounds the connections.
 pub async fn connect(database_url: &str, pool_max: u32) -> Result<Db, sqlx::Error> {
-    if database_url.starts_with("sqlite:") {
-        Ok(Arc::new(
+    match Backend::of_url(database_url) {
+        Some(Backend::Sqlite) => Ok(Arc::new(
             sqlite::SqliteStore::connect(database_url, pool_max).await?,
-        ))
-    } else if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
-        Ok(Arc::new(
+        )),
+        Some(Backend::Postgres) => Ok(Arc::new(
             postgres::PgStore::connect(database_url, pool_max).await?,
-        ))
-    } else {
-        Err(sqlx::Error::Configuration(
+        )),
+        None => Err(sqlx::Error::Configuration(
             "DATABASE_URL must start with postgres://, postgresql:// or sqlite:".into(),
-        ))
+        )),
     }
 }
 

@@ -81,13 +81,65 @@ impl SqliteStore {
     }
 }
 
+/// One engine process per file: wallets keep their users' balances and idempotency keys in
+/// memory, so a second engine on the same file would serve the same users from a second memory.
+/// An exclusive lock on `<file>.lock`, which the operating system releases when the process
+/// ends, however it ends (a `kill -9` leaves no stale lock behind).
+#[derive(Debug)]
+pub struct FileOwner {
+    _lock: std::fs::File,
+}
+
+impl FileOwner {
+    /// Takes the file of `database_url` for this process, or says which process holds it.
+    pub fn take(database_url: &str) -> Result<FileOwner, sqlx::Error> {
+        let options = connect_options(database_url)?;
+        let database = options.get_filename();
+        if let Some(directory) = database.parent() {
+            create_directory(directory)?;
+        }
+        let mut path = database.as_os_str().to_owned();
+        path.push(".lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|error| {
+                sqlx::Error::Configuration(
+                    format!("cannot open {}: {error}", Path::new(&path).display()).into(),
+                )
+            })?;
+        match lock.try_lock() {
+            Ok(()) => Ok(FileOwner { _lock: lock }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(sqlx::Error::Configuration(
+                format!(
+                    "another engine process is using {}; one process owns an SQLite database \
+                     (run several engine nodes on PostgreSQL)",
+                    database.display()
+                )
+                .into(),
+            )),
+            Err(std::fs::TryLockError::Error(error)) => Err(sqlx::Error::Configuration(
+                format!("cannot lock {}: {error}", Path::new(&path).display()).into(),
+            )),
+        }
+    }
+}
+
 /// The options every connection to the file is opened with.
 pub fn connect_options(database_url: &str) -> Result<SqliteConnectOptions, sqlx::Error> {
     let options = SqliteConnectOptions::from_str(database_url)?;
-    if options.get_filename() == Path::new(":memory:") {
-        // Each pooled connection would see a database of its own.
+    // sqlx names its shared in-memory databases `file:sqlx-in-memory-N`.
+    let in_memory = database_url.contains(":memory:")
+        || database_url.contains("mode=memory")
+        || options
+            .get_filename()
+            .to_string_lossy()
+            .starts_with("file:");
+    if in_memory {
         return Err(sqlx::Error::Configuration(
-            "an in-memory SQLite database cannot be shared by the engine's connections; \
+            "an in-memory SQLite database loses acknowledged deductions when the engine stops; \
              name a file"
                 .into(),
         ));
@@ -602,4 +654,32 @@ pub(super) async fn find_consumptions_by_keys(
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_process_owns_a_file_until_it_lets_go() {
+        let directory = std::env::temp_dir().join(format!("credits-owner-{}", std::process::id()));
+        let url = format!("sqlite://{}", directory.join("credits.db").display());
+        let owner = FileOwner::take(&url).expect("the first owner takes the file");
+        let refused = FileOwner::take(&url).expect_err("a second owner is refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("another engine process is using"),
+            "{refused}"
+        );
+        drop(owner);
+        FileOwner::take(&url).expect("the file is free again once its owner is gone");
+        let _ = std::fs::remove_dir_all(directory);
+    }
+
+    #[test]
+    fn an_in_memory_database_is_refused() {
+        let refused = connect_options("sqlite::memory:").expect_err("refused");
+        assert!(refused.to_string().contains("name a file"), "{refused}");
+    }
 }

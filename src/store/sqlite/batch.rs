@@ -1,10 +1,11 @@
-//! The batch writer's statements on SQLite: one prepared statement per row. SQLite runs in the
-//! engine's process, so a statement costs no round trip; what a batch saves is the commit
-//! (one WAL sync for the whole batch).
+//! The batch writer's statements on SQLite: each kind of row a batch writes goes in one
+//! multi-row statement (in chunks of [`ROWS_PER_STATEMENT`], under SQLite's limit on bound
+//! values), as PostgreSQL's `UNNEST` statements do: every statement is a hop to the
+//! connection's thread, and a batch commits with one WAL sync.
 
 use std::collections::HashSet;
 
-use sqlx::{Sqlite, SqliteConnection};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::find_consumptions_by_keys;
 use crate::store::writer::{
@@ -12,6 +13,16 @@ use crate::store::writer::{
     RefundEffect, protocol,
 };
 use crate::store::{StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow};
+
+/// Rows in one statement: 12 bound values a consumption record, far below SQLite's 32,766.
+const ROWS_PER_STATEMENT: usize = 512;
+
+/// The row indexes `0..rows`, in chunks of at most [`ROWS_PER_STATEMENT`].
+fn row_chunks(rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..rows)
+        .step_by(ROWS_PER_STATEMENT)
+        .map(move |start| start..(start + ROWS_PER_STATEMENT).min(rows))
+}
 
 /// The SQLite statements of the batch writer.
 pub(crate) struct SqliteBatch;
@@ -33,30 +44,30 @@ impl BatchDialect for SqliteBatch {
         columns: &DeductColumns,
     ) -> Result<HashSet<i64>, sqlx::Error> {
         let mut inserted = HashSet::with_capacity(columns.ids.len());
-        for row in 0..columns.ids.len() {
-            let id: Option<i64> = sqlx::query_scalar(
+        for rows in row_chunks(columns.ids.len()) {
+            let mut query = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
                      credits_cost, price_version, idempotency_key, request_fingerprint,
-                     remaining_after, metadata, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                 ON CONFLICT (user_id, idempotency_key) DO NOTHING
-                 RETURNING id",
-            )
-            .bind(columns.user_ids[row])
-            .bind(columns.ids[row])
-            .bind(&columns.action_keys[row])
-            .bind(columns.quantities[row])
-            .bind(columns.unit_costs[row])
-            .bind(columns.credits_costs[row])
-            .bind(columns.price_versions[row])
-            .bind(&columns.idempotency_keys[row])
-            .bind(&columns.fingerprints[row])
-            .bind(columns.remaining_after[row])
-            .bind(&columns.metadata[row])
-            .bind(columns.created_at[row])
-            .fetch_optional(&mut *tx)
-            .await?;
-            inserted.extend(id);
+                     remaining_after, metadata, created_at) ",
+            );
+            query.push_values(rows, |mut values, row| {
+                values
+                    .push_bind(columns.user_ids[row])
+                    .push_bind(columns.ids[row])
+                    .push_bind(&columns.action_keys[row])
+                    .push_bind(columns.quantities[row])
+                    .push_bind(columns.unit_costs[row])
+                    .push_bind(columns.credits_costs[row])
+                    .push_bind(columns.price_versions[row])
+                    .push_bind(&columns.idempotency_keys[row])
+                    .push_bind(&columns.fingerprints[row])
+                    .push_bind(columns.remaining_after[row])
+                    .push_bind(&columns.metadata[row])
+                    .push_bind(columns.created_at[row]);
+            });
+            query.push(" ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING id");
+            let ids: Vec<i64> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+            inserted.extend(ids);
         }
         Ok(inserted)
     }
@@ -73,18 +84,19 @@ impl BatchDialect for SqliteBatch {
         tx: &mut SqliteConnection,
         rows: &AllocationColumns,
     ) -> Result<(), sqlx::Error> {
-        for row in 0..rows.user_ids.len() {
-            sqlx::query(
+        for chunk in row_chunks(rows.user_ids.len()) {
+            let mut query = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO consumption_allocations
-                     (user_id, consumption_id, user_package_id, credits)
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(rows.user_ids[row])
-            .bind(rows.consumption_ids[row])
-            .bind(rows.user_package_ids[row])
-            .bind(rows.credits[row])
-            .execute(&mut *tx)
-            .await?;
+                     (user_id, consumption_id, user_package_id, credits) ",
+            );
+            query.push_values(chunk, |mut values, row| {
+                values
+                    .push_bind(rows.user_ids[row])
+                    .push_bind(rows.consumption_ids[row])
+                    .push_bind(rows.user_package_ids[row])
+                    .push_bind(rows.credits[row]);
+            });
+            query.build().execute(&mut *tx).await?;
         }
         Ok(())
     }
@@ -149,25 +161,28 @@ impl BatchDialect for SqliteBatch {
     ) -> Result<u64, sqlx::Error> {
         let now = chrono::Utc::now();
         let mut updated = 0;
-        for row in 0..deltas.user_ids.len() {
-            updated += sqlx::query(
-                "UPDATE user_packages
-                 SET used_credits = used_credits + $3,
-                     remaining_credits = CASE WHEN unlimited THEN 0 ELSE remaining_credits - $3 END,
+        for rows in row_chunks(deltas.user_ids.len()) {
+            // A VALUES list names its columns column1, column2, column3.
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "UPDATE user_packages AS g
+                 SET used_credits = g.used_credits + d.column3,
+                     remaining_credits = CASE WHEN g.unlimited THEN 0
+                         ELSE g.remaining_credits - d.column3 END,
                      status = CASE
-                         WHEN unlimited OR status NOT IN ('active', 'depleted') THEN status
-                         WHEN remaining_credits - $3 = 0 THEN 'depleted'
+                         WHEN g.unlimited OR g.status NOT IN ('active', 'depleted') THEN g.status
+                         WHEN g.remaining_credits - d.column3 = 0 THEN 'depleted'
                          ELSE 'active' END,
-                     updated_at = $4
-                 WHERE user_id = $1 AND id = $2",
-            )
-            .bind(deltas.user_ids[row])
-            .bind(deltas.grant_ids[row])
-            .bind(deltas.used[row])
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+                     updated_at = ",
+            );
+            query.push_bind(now).push(" FROM (");
+            query.push_values(rows, |mut values, row| {
+                values
+                    .push_bind(deltas.user_ids[row])
+                    .push_bind(deltas.grant_ids[row])
+                    .push_bind(deltas.used[row]);
+            });
+            query.push(") AS d WHERE g.user_id = d.column1 AND g.id = d.column2");
+            updated += query.build().execute(&mut *tx).await?.rows_affected();
         }
         Ok(updated)
     }
@@ -180,17 +195,18 @@ impl BatchDialect for SqliteBatch {
     }
 
     async fn insert_events(tx: &mut SqliteConnection, events: &Events) -> Result<(), sqlx::Error> {
-        for row in 0..events.kinds.len() {
-            sqlx::query(
-                "INSERT INTO billing_events (kind, user_id, payload, created_at)
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(events.kinds[row])
-            .bind(events.user_ids[row])
-            .bind(&events.payloads[row])
-            .bind(events.times[row])
-            .execute(&mut *tx)
-            .await?;
+        for rows in row_chunks(events.kinds.len()) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO billing_events (kind, user_id, payload, created_at) ",
+            );
+            query.push_values(rows, |mut values, row| {
+                values
+                    .push_bind(events.kinds[row])
+                    .push_bind(events.user_ids[row])
+                    .push_bind(&events.payloads[row])
+                    .push_bind(events.times[row]);
+            });
+            query.build().execute(&mut *tx).await?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 //! that the rest of the engine performs directly.
 
 pub mod catalog;
+pub(crate) mod portable;
 pub mod postgres;
 pub mod reconcile;
 pub mod reports;
@@ -610,16 +611,4 @@ where
     }
     query.push(" ORDER BY g.id DESC LIMIT ").push_bind(limit);
     query
-}
-
-/// Live grants at or past their expiry (`$1`), soonest first, at most `$2`: the expiry
-/// schedule, read through the `user_packages_live_expiry` index (only due rows are touched).
-pub(crate) const DUE_EXPIRIES_SQL: &str = "SELECT user_id, id FROM user_packages
-     WHERE status IN ('active', 'depleted') AND expires_at <= $1
-     ORDER BY expires_at, id LIMIT $2";
-
-pub(crate) fn expiry_keys(rows: Vec<(i64, i64)>) -> Vec<(UserId, UserPackageId)> {
-    rows.into_iter()
-        .map(|(user_id, id)| (UserId(user_id), UserPackageId(id)))
-        .collect()
 }

@@ -221,6 +221,7 @@ pub(crate) fn attach(rows: &mut [ConsumptionRow], allocations: Vec<AllocationRow
 
 /// The SQL of a statistics group's key in one backend: the UTC date of `created_at` (as
 /// `day`) and a null `action_key`, or the other way round.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct GroupKeys {
     pub by_day: &'static str,
     pub by_action_key: &'static str,

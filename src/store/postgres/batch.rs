@@ -6,11 +6,12 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres};
 
+use crate::store::portable::{POSTGRES, Portable};
 use crate::store::writer::{
-    AllocationColumns, BatchDialect, DeductColumns, Events, GrantChange, GrantDeltas, GrantEffect,
-    RefundEffect, protocol,
+    AllocationColumns, BatchDialect, DeductColumns, Events, GrantDeltas, GrantEffect, RefundEffect,
+    protocol,
 };
-use crate::store::{StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow};
+use crate::store::{StoredConsumption, UserPackageRow};
 
 /// The PostgreSQL statements of the batch writer.
 pub(crate) struct PgBatch;
@@ -117,7 +118,7 @@ impl BatchDialect for PgBatch {
         tx: &mut PgConnection,
         effect: &GrantEffect,
     ) -> Result<(UserPackageRow, i64), sqlx::Error> {
-        write_grant_change(tx, effect).await
+        Portable::<Postgres>::write_grant_change(tx, &POSTGRES, effect).await
     }
 
     async fn insert_events(tx: &mut PgConnection, events: &Events) -> Result<(), sqlx::Error> {
@@ -136,62 +137,6 @@ impl BatchDialect for PgBatch {
         .await?;
         Ok(())
     }
-}
-
-async fn write_grant_change(
-    tx: &mut PgConnection,
-    effect: &GrantEffect,
-) -> Result<(UserPackageRow, i64), sqlx::Error> {
-    let columns = USER_PACKAGE_COLUMNS;
-    let (query, voided) = match &effect.change {
-        GrantChange::Activate(activation) => {
-            let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "UPDATE user_packages
-                 SET status = CASE WHEN unlimited OR remaining_credits > 0 THEN 'active' ELSE 'depleted' END,
-                     activated_at = $3, expires_at = $4, updated_at = $5
-                 WHERE user_id = $1 AND id = $2 AND status = 'pending'
-                 RETURNING {columns}"
-            )))
-            .bind(effect.user_id.get())
-            .bind(effect.grant_id.get())
-            .bind(activation.activated_at)
-            .bind(activation.expires_at)
-            .bind(effect.at);
-            (query, 0)
-        }
-        GrantChange::Revoke { .. } | GrantChange::Expire => {
-            let (ended, live) = match effect.change {
-                GrantChange::Expire => ("expired", "('active', 'depleted')"),
-                _ => ("revoked", "('pending', 'active', 'depleted')"),
-            };
-            // Locks the row: what it holds now is what is voided.
-            let remaining: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT remaining_credits FROM user_packages
-                 WHERE user_id = $1 AND id = $2 AND status IN {live}
-                 FOR UPDATE"
-            )))
-            .bind(effect.user_id.get())
-            .bind(effect.grant_id.get())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "UPDATE user_packages
-                 SET status = '{ended}',
-                     expired_credits = expired_credits + remaining_credits,
-                     remaining_credits = 0,
-                     updated_at = $3
-                 WHERE user_id = $1 AND id = $2 AND status IN {live}
-                 RETURNING {columns}"
-            )))
-            .bind(effect.user_id.get())
-            .bind(effect.grant_id.get())
-            .bind(effect.at);
-            (query, remaining.unwrap_or(0))
-        }
-    };
-    let row: Option<UserPackageRow> = query.fetch_optional(&mut *tx).await?;
-    let row = row.ok_or_else(|| protocol("a grant change found the grant in another status"))?;
-    Ok((row, voided))
 }
 
 async fn write_refunds(

@@ -3,9 +3,7 @@
 //! writer's statements.
 
 pub(crate) mod batch;
-mod catalog;
 mod reconcile;
-mod reports;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -13,11 +11,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool, Postgres, QueryBuilder, migrate::MigrateDatabase};
+use sqlx::{ConnectOptions, PgPool, Postgres, migrate::MigrateDatabase};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::catalog::{PackageFields, PackageFilter, PackageSort, PriceFields};
+use super::portable::{POSTGRES, Portable};
 use super::reconcile::{LedgerCheck, OrphanAllocation};
 use super::reports::{
     ConsumptionExport, ConsumptionFilter, ConsumptionRow, EventFilter, EventRow, GroupBy,
@@ -26,9 +25,8 @@ use super::reports::{
 use super::writer::{self, WriterHandle, WriterLimits};
 use super::{
     ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, Backend, CONSUMPTION_HEAD_COLUMNS,
-    ConsumptionHead, Db, GrantFilter, GrantListRow, Merge, Merged, PACKAGE_COLUMNS, PRICE_COLUMNS,
-    PackageRow, PoolUsage, SUMMARY_GRANTS_MAX, Store, StoredConsumption, USER_PACKAGE_COLUMNS,
-    UserPackageRow, assemble, grant_columns_of,
+    ConsumptionHead, Db, GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store,
+    StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow, assemble,
 };
 use crate::domain::{ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
 
@@ -92,11 +90,11 @@ impl Store for PgStore {
     }
 
     async fn load_action_prices(&self) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
-        load_action_prices(&self.pool).await
+        Portable::<Postgres>::load_action_prices(&self.pool).await
     }
 
     async fn load_packages(&self) -> Result<Vec<PackageRow>, sqlx::Error> {
-        load_packages(&self.pool).await
+        Portable::<Postgres>::load_packages(&self.pool).await
     }
 
     async fn insert_action_price(
@@ -105,7 +103,8 @@ impl Store for PgStore {
         fields: &PriceFields,
         now: DateTime<Utc>,
     ) -> Result<Option<ActionPriceRow>, sqlx::Error> {
-        catalog::insert_action_price(&self.pool, action_key, fields, now).await
+        Portable::<Postgres>::insert_action_price(&self.pool, &POSTGRES, action_key, fields, now)
+            .await
     }
 
     async fn update_action_price(
@@ -114,7 +113,8 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         merge: Merge<'_, ActionPriceRow, PriceFields>,
     ) -> Result<Merged<ActionPriceRow>, sqlx::Error> {
-        catalog::update_action_price(&self.pool, action_key, now, merge).await
+        Portable::<Postgres>::update_action_price(&self.pool, &POSTGRES, action_key, now, merge)
+            .await
     }
 
     async fn list_action_prices(
@@ -123,7 +123,7 @@ impl Store for PgStore {
         after_key: Option<&str>,
         limit: i64,
     ) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
-        catalog::list_action_prices(&self.pool, enabled, after_key, limit).await
+        Portable::<Postgres>::list_action_prices(&self.pool, enabled, after_key, limit).await
     }
 
     async fn insert_package(
@@ -131,7 +131,7 @@ impl Store for PgStore {
         fields: &PackageFields,
         now: DateTime<Utc>,
     ) -> Result<PackageRow, sqlx::Error> {
-        catalog::insert_package(&self.pool, fields, now).await
+        Portable::<Postgres>::insert_package(&self.pool, &POSTGRES, fields, now).await
     }
 
     async fn update_package(
@@ -140,15 +140,15 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         merge: Merge<'_, PackageRow, PackageFields>,
     ) -> Result<Merged<PackageRow>, sqlx::Error> {
-        catalog::update_package(&self.pool, id, now, merge).await
+        Portable::<Postgres>::update_package(&self.pool, &POSTGRES, id, now, merge).await
     }
 
     async fn delete_package(&self, id: i64, now: DateTime<Utc>) -> Result<bool, sqlx::Error> {
-        catalog::delete_package(&self.pool, id, now).await
+        Portable::<Postgres>::delete_package(&self.pool, &POSTGRES, id, now).await
     }
 
     async fn find_package(&self, id: i64) -> Result<Option<PackageRow>, sqlx::Error> {
-        catalog::find_package(&self.pool, id).await
+        Portable::<Postgres>::find_package(&self.pool, id).await
     }
 
     async fn list_packages(
@@ -159,11 +159,12 @@ impl Store for PgStore {
         after: Option<(i64, i64)>,
         limit: i64,
     ) -> Result<Vec<PackageRow>, sqlx::Error> {
-        catalog::list_packages(&self.pool, filter, sort, descending, after, limit).await
+        Portable::<Postgres>::list_packages(&self.pool, filter, sort, descending, after, limit)
+            .await
     }
 
     async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
-        load_wallet_grants(&self.pool, user_id).await
+        Portable::<Postgres>::load_wallet_grants(&self.pool, user_id).await
     }
 
     async fn insert_grant(
@@ -190,7 +191,7 @@ impl Store for PgStore {
         &self,
         id: UserPackageId,
     ) -> Result<Option<UserPackageRow>, sqlx::Error> {
-        find_user_package(&self.pool, id).await
+        Portable::<Postgres>::find_user_package(&self.pool, id).await
     }
 
     async fn list_grants(
@@ -199,12 +200,11 @@ impl Store for PgStore {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<GrantListRow>, sqlx::Error> {
-        let mut query: QueryBuilder<Postgres> = super::grants_query(filter, before, limit);
-        query.build_query_as().fetch_all(&self.pool).await
+        Portable::<Postgres>::list_grants(&self.pool, filter, before, limit).await
     }
 
     async fn live_grants(&self, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error> {
-        live_grants(&self.pool, user_id).await
+        Portable::<Postgres>::live_grants(&self.pool, user_id).await
     }
 
     async fn due_expiries(
@@ -212,12 +212,7 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<(UserId, UserPackageId)>, sqlx::Error> {
-        let rows: Vec<(i64, i64)> = sqlx::query_as(super::DUE_EXPIRIES_SQL)
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(super::expiry_keys(rows))
+        Portable::<Postgres>::due_expiries(&self.pool, now, limit).await
     }
 
     async fn find_consumption_by_key(
@@ -240,7 +235,7 @@ impl Store for PgStore {
         &self,
         id: ConsumptionId,
     ) -> Result<Option<UserId>, sqlx::Error> {
-        find_consumption_owner(&self.pool, id).await
+        Portable::<Postgres>::find_consumption_owner(&self.pool, id).await
     }
 
     async fn list_consumption(
@@ -249,7 +244,7 @@ impl Store for PgStore {
         after: Option<(DateTime<Utc>, i64)>,
         limit: i64,
     ) -> Result<Vec<ConsumptionRow>, sqlx::Error> {
-        reports::list_consumption(&self.pool, filter, after, limit).await
+        Portable::<Postgres>::list_consumption(&self.pool, &POSTGRES, filter, after, limit).await
     }
 
     async fn consumption_statistics(
@@ -258,7 +253,10 @@ impl Store for PgStore {
         group_by: GroupBy,
         groups_max: i64,
     ) -> Result<(Vec<StatisticsGroup>, StatisticsSums), sqlx::Error> {
-        reports::consumption_statistics(&self.pool, filter, group_by, groups_max).await
+        Portable::<Postgres>::consumption_statistics(
+            &self.pool, &POSTGRES, filter, group_by, groups_max,
+        )
+        .await
     }
 
     async fn open_export(
@@ -266,7 +264,7 @@ impl Store for PgStore {
         filter: &ConsumptionFilter,
         rows_max: i64,
     ) -> Result<Option<ConsumptionExport>, sqlx::Error> {
-        reports::open_export(&self.pool, filter, rows_max).await
+        Portable::<Postgres>::open_export(&self.pool, &POSTGRES, filter, rows_max).await
     }
 
     async fn list_events(
@@ -275,18 +273,18 @@ impl Store for PgStore {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<EventRow>, sqlx::Error> {
-        reports::list_events(&self.pool, filter, before, limit).await
+        Portable::<Postgres>::list_events(&self.pool, filter, before, limit).await
     }
 
     async fn ledger_mismatches(&self, max: usize) -> Result<LedgerCheck, sqlx::Error> {
-        reconcile::ledger_mismatches(&self.pool, max).await
+        Portable::<Postgres>::ledger_mismatches(&self.pool, max).await
     }
 
     async fn orphan_allocations(
         &self,
         max: usize,
     ) -> Result<(Vec<OrphanAllocation>, bool), sqlx::Error> {
-        reconcile::orphan_allocations(&self.pool, max).await
+        Portable::<Postgres>::orphan_allocations(&self.pool, max).await
     }
 
     async fn insert_mismatch_events(
@@ -329,34 +327,6 @@ pub fn pool_options(pool_max: u32) -> PgPoolOptions {
 
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
     MIGRATOR.run(pool).await.map_err(sqlx::Error::from)
-}
-async fn load_action_prices(pool: &PgPool) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {PRICE_COLUMNS} FROM action_prices ORDER BY action_key"
-    )))
-    .fetch_all(pool)
-    .await
-}
-
-async fn load_packages(pool: &PgPool) -> Result<Vec<PackageRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {PACKAGE_COLUMNS} FROM packages ORDER BY sort_order, id"
-    )))
-    .fetch_all(pool)
-    .await
-}
-
-/// The grants a wallet holds: every grant that can still pay or be paid back into, or be
-/// activated. Expired and revoked grants stay in the database only.
-async fn load_wallet_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
-    let rows: Vec<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
-         WHERE user_id = $1 AND status IN ('pending', 'active', 'depleted')"
-    )))
-    .bind(user_id.get())
-    .fetch_all(pool)
-    .await?;
-    super::wallet_grants(&rows)
 }
 
 /// Assigns a grant in one transaction with its `billing_package_assign` event (and
@@ -427,7 +397,7 @@ async fn insert_grant_in(
         kinds.push("billing_package_activate");
     }
     for kind in kinds {
-        insert_event(&mut *tx, kind, Some(user_id), &payload, now).await?;
+        Portable::<Postgres>::insert_event(&mut *tx, kind, Some(user_id), &payload, now).await?;
     }
     Ok(Some(row))
 }
@@ -464,7 +434,7 @@ async fn register_user(
         }
     }
     let package_ids: Vec<i64> = rows.iter().map(|row| row.package_id).collect();
-    insert_event(
+    Portable::<Postgres>::insert_event(
         &mut tx,
         "billing_user_registered",
         Some(user_id),
@@ -474,38 +444,6 @@ async fn register_user(
     .await?;
     tx.commit().await?;
     Ok((true, rows))
-}
-
-/// A grant's row by its id alone (admin routes name grants by id).
-async fn find_user_package(
-    pool: &PgPool,
-    id: UserPackageId,
-) -> Result<Option<UserPackageRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE id = $1"
-    )))
-    .bind(id.get())
-    .fetch_optional(pool)
-    .await
-}
-
-pub(super) async fn insert_event(
-    tx: &mut sqlx::PgConnection,
-    kind: &str,
-    user_id: Option<UserId>,
-    payload: &serde_json::Value,
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO billing_events (kind, user_id, payload, created_at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(kind)
-    .bind(user_id.map(UserId::get))
-    .bind(payload)
-    .bind(now)
-    .execute(tx)
-    .await?;
-    Ok(())
 }
 
 async fn allocations_of(
@@ -582,33 +520,4 @@ async fn find_consumption(
     let Some(head) = head else { return Ok(None) };
     let allocations = allocations_of(pool, &[head.user_id], &[head.id]).await?;
     Ok(assemble(vec![head], allocations)?.into_iter().next())
-}
-
-/// Whose consumption this is: refunds by id are routed to that user's wallet.
-async fn find_consumption_owner(
-    pool: &PgPool,
-    id: ConsumptionId,
-) -> Result<Option<UserId>, sqlx::Error> {
-    let owner: Option<i64> =
-        sqlx::query_scalar("SELECT user_id FROM consumption_records WHERE id = $1")
-            .bind(id.get())
-            .fetch_optional(pool)
-            .await?;
-    Ok(owner.map(UserId))
-}
-
-/// The grants that can pay or be activated (pending, active, depleted), with package names,
-/// in id order; at most `SUMMARY_GRANTS_MAX` + 1, so the caller can tell it was cut.
-async fn live_grants(pool: &PgPool, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error> {
-    let columns = grant_columns_of("g");
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {columns}, p.name AS package_name
-         FROM user_packages g JOIN packages p ON p.id = g.package_id
-         WHERE g.user_id = $1 AND g.status IN ('pending', 'active', 'depleted')
-         ORDER BY g.id LIMIT $2"
-    )))
-    .bind(user_id.get())
-    .bind(SUMMARY_GRANTS_MAX + 1)
-    .fetch_all(pool)
-    .await
 }

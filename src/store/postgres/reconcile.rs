@@ -3,36 +3,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::store::reconcile::{
-    LEDGER_MISMATCHES_SQL, LedgerCheck, LedgerRow, MISMATCH_EVENT_KIND, ORPHAN_ALLOCATIONS_SQL,
-    OrphanAllocation, cut_orphans, limit_past,
-};
-
-/// It scans all grants and allocations (a hash aggregate over `consumption_allocations`): meant
-/// for a periodic job and an operator's request, not a hot path.
-#[tracing::instrument(skip(pool))]
-pub(super) async fn ledger_mismatches(
-    pool: &PgPool,
-    max: usize,
-) -> Result<LedgerCheck, sqlx::Error> {
-    let rows: Vec<LedgerRow> = sqlx::query_as(LEDGER_MISMATCHES_SQL)
-        .bind(limit_past(max))
-        .fetch_all(pool)
-        .await?;
-    Ok(LedgerCheck::of(rows, max))
-}
-
-#[tracing::instrument(skip(pool))]
-pub(super) async fn orphan_allocations(
-    pool: &PgPool,
-    max: usize,
-) -> Result<(Vec<OrphanAllocation>, bool), sqlx::Error> {
-    let orphans = sqlx::query_as(ORPHAN_ALLOCATIONS_SQL)
-        .bind(limit_past(max))
-        .fetch_all(pool)
-        .await?;
-    Ok(cut_orphans(orphans, max))
-}
+use crate::store::reconcile::MISMATCH_EVENT_KIND;
 
 /// One statement for all the events. Never touches a balance: reconciliation reports, it does
 /// not fix.

@@ -9,8 +9,6 @@
 //! and see one snapshot per transaction.
 
 pub(crate) mod batch;
-mod catalog;
-mod reports;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -22,15 +20,13 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, QueryBuilder, Sqlite};
+use sqlx::{ConnectOptions, Sqlite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::catalog::{PackageFields, PackageFilter, PackageSort, PriceFields};
-use super::reconcile::{
-    LEDGER_MISMATCHES_SQL, LedgerCheck, LedgerRow, MISMATCH_EVENT_KIND, ORPHAN_ALLOCATIONS_SQL,
-    OrphanAllocation, cut_orphans, limit_past,
-};
+use super::portable::{Portable, SQLITE};
+use super::reconcile::{LedgerCheck, MISMATCH_EVENT_KIND, OrphanAllocation};
 use super::reports::{
     ConsumptionExport, ConsumptionFilter, ConsumptionRow, EventFilter, EventRow, GroupBy,
     StatisticsGroup, StatisticsSums,
@@ -38,9 +34,8 @@ use super::reports::{
 use super::writer::{self, WriterHandle, WriterLimits};
 use super::{
     ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, Backend, CONSUMPTION_HEAD_COLUMNS,
-    ConsumptionHead, GrantFilter, GrantListRow, Merge, Merged, PACKAGE_COLUMNS, PRICE_COLUMNS,
-    PackageRow, PoolUsage, SUMMARY_GRANTS_MAX, Store, StoredConsumption, USER_PACKAGE_COLUMNS,
-    UserPackageRow, assemble, grant_columns_of,
+    ConsumptionHead, GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store,
+    StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow, assemble,
 };
 use crate::domain::{ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
 
@@ -203,19 +198,11 @@ impl Store for SqliteStore {
     }
 
     async fn load_action_prices(&self) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {PRICE_COLUMNS} FROM action_prices ORDER BY action_key"
-        )))
-        .fetch_all(&self.pool)
-        .await
+        Portable::<Sqlite>::load_action_prices(&self.pool).await
     }
 
     async fn load_packages(&self) -> Result<Vec<PackageRow>, sqlx::Error> {
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {PACKAGE_COLUMNS} FROM packages ORDER BY sort_order, id"
-        )))
-        .fetch_all(&self.pool)
-        .await
+        Portable::<Sqlite>::load_packages(&self.pool).await
     }
 
     async fn insert_action_price(
@@ -224,7 +211,7 @@ impl Store for SqliteStore {
         fields: &PriceFields,
         now: DateTime<Utc>,
     ) -> Result<Option<ActionPriceRow>, sqlx::Error> {
-        catalog::insert_action_price(&self.pool, action_key, fields, now).await
+        Portable::<Sqlite>::insert_action_price(&self.pool, &SQLITE, action_key, fields, now).await
     }
 
     async fn update_action_price(
@@ -233,7 +220,7 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         merge: Merge<'_, ActionPriceRow, PriceFields>,
     ) -> Result<Merged<ActionPriceRow>, sqlx::Error> {
-        catalog::update_action_price(&self.pool, action_key, now, merge).await
+        Portable::<Sqlite>::update_action_price(&self.pool, &SQLITE, action_key, now, merge).await
     }
 
     async fn list_action_prices(
@@ -242,7 +229,7 @@ impl Store for SqliteStore {
         after_key: Option<&str>,
         limit: i64,
     ) -> Result<Vec<ActionPriceRow>, sqlx::Error> {
-        catalog::list_action_prices(&self.pool, enabled, after_key, limit).await
+        Portable::<Sqlite>::list_action_prices(&self.pool, enabled, after_key, limit).await
     }
 
     async fn insert_package(
@@ -250,7 +237,7 @@ impl Store for SqliteStore {
         fields: &PackageFields,
         now: DateTime<Utc>,
     ) -> Result<PackageRow, sqlx::Error> {
-        catalog::insert_package(&self.pool, fields, now).await
+        Portable::<Sqlite>::insert_package(&self.pool, &SQLITE, fields, now).await
     }
 
     async fn update_package(
@@ -259,15 +246,15 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         merge: Merge<'_, PackageRow, PackageFields>,
     ) -> Result<Merged<PackageRow>, sqlx::Error> {
-        catalog::update_package(&self.pool, id, now, merge).await
+        Portable::<Sqlite>::update_package(&self.pool, &SQLITE, id, now, merge).await
     }
 
     async fn delete_package(&self, id: i64, now: DateTime<Utc>) -> Result<bool, sqlx::Error> {
-        catalog::delete_package(&self.pool, id, now).await
+        Portable::<Sqlite>::delete_package(&self.pool, &SQLITE, id, now).await
     }
 
     async fn find_package(&self, id: i64) -> Result<Option<PackageRow>, sqlx::Error> {
-        catalog::find_package(&self.pool, id).await
+        Portable::<Sqlite>::find_package(&self.pool, id).await
     }
 
     async fn list_packages(
@@ -278,18 +265,11 @@ impl Store for SqliteStore {
         after: Option<(i64, i64)>,
         limit: i64,
     ) -> Result<Vec<PackageRow>, sqlx::Error> {
-        catalog::list_packages(&self.pool, filter, sort, descending, after, limit).await
+        Portable::<Sqlite>::list_packages(&self.pool, filter, sort, descending, after, limit).await
     }
 
     async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
-        let rows: Vec<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
-             WHERE user_id = $1 AND status IN ('pending', 'active', 'depleted')"
-        )))
-        .bind(user_id.get())
-        .fetch_all(&self.pool)
-        .await?;
-        super::wallet_grants(&rows)
+        Portable::<Sqlite>::load_wallet_grants(&self.pool, user_id).await
     }
 
     async fn insert_grant(
@@ -348,7 +328,7 @@ impl Store for SqliteStore {
             }
         }
         let package_ids: Vec<i64> = rows.iter().map(|row| row.package_id).collect();
-        insert_event(
+        Portable::<Sqlite>::insert_event(
             &mut tx,
             "billing_user_registered",
             Some(user_id),
@@ -364,12 +344,7 @@ impl Store for SqliteStore {
         &self,
         id: UserPackageId,
     ) -> Result<Option<UserPackageRow>, sqlx::Error> {
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE id = $1"
-        )))
-        .bind(id.get())
-        .fetch_optional(&self.pool)
-        .await
+        Portable::<Sqlite>::find_user_package(&self.pool, id).await
     }
 
     async fn list_grants(
@@ -378,22 +353,11 @@ impl Store for SqliteStore {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<GrantListRow>, sqlx::Error> {
-        let mut query: QueryBuilder<Sqlite> = super::grants_query(filter, before, limit);
-        query.build_query_as().fetch_all(&self.pool).await
+        Portable::<Sqlite>::list_grants(&self.pool, filter, before, limit).await
     }
 
     async fn live_grants(&self, user_id: UserId) -> Result<Vec<GrantListRow>, sqlx::Error> {
-        let columns = grant_columns_of("g");
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {columns}, p.name AS package_name
-             FROM user_packages g JOIN packages p ON p.id = g.package_id
-             WHERE g.user_id = $1 AND g.status IN ('pending', 'active', 'depleted')
-             ORDER BY g.id LIMIT $2"
-        )))
-        .bind(user_id.get())
-        .bind(SUMMARY_GRANTS_MAX + 1)
-        .fetch_all(&self.pool)
-        .await
+        Portable::<Sqlite>::live_grants(&self.pool, user_id).await
     }
 
     async fn due_expiries(
@@ -401,12 +365,7 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<(UserId, UserPackageId)>, sqlx::Error> {
-        let rows: Vec<(i64, i64)> = sqlx::query_as(super::DUE_EXPIRIES_SQL)
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(super::expiry_keys(rows))
+        Portable::<Sqlite>::due_expiries(&self.pool, now, limit).await
     }
 
     async fn find_consumption_by_key(
@@ -444,12 +403,7 @@ impl Store for SqliteStore {
         &self,
         id: ConsumptionId,
     ) -> Result<Option<UserId>, sqlx::Error> {
-        let owner: Option<i64> =
-            sqlx::query_scalar("SELECT user_id FROM consumption_records WHERE id = $1")
-                .bind(id.get())
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(owner.map(UserId))
+        Portable::<Sqlite>::find_consumption_owner(&self.pool, id).await
     }
 
     async fn list_consumption(
@@ -458,7 +412,7 @@ impl Store for SqliteStore {
         after: Option<(DateTime<Utc>, i64)>,
         limit: i64,
     ) -> Result<Vec<ConsumptionRow>, sqlx::Error> {
-        reports::list_consumption(&self.pool, filter, after, limit).await
+        Portable::<Sqlite>::list_consumption(&self.pool, &SQLITE, filter, after, limit).await
     }
 
     async fn consumption_statistics(
@@ -467,7 +421,10 @@ impl Store for SqliteStore {
         group_by: GroupBy,
         groups_max: i64,
     ) -> Result<(Vec<StatisticsGroup>, StatisticsSums), sqlx::Error> {
-        reports::consumption_statistics(&self.pool, filter, group_by, groups_max).await
+        Portable::<Sqlite>::consumption_statistics(
+            &self.pool, &SQLITE, filter, group_by, groups_max,
+        )
+        .await
     }
 
     async fn open_export(
@@ -475,7 +432,7 @@ impl Store for SqliteStore {
         filter: &ConsumptionFilter,
         rows_max: i64,
     ) -> Result<Option<ConsumptionExport>, sqlx::Error> {
-        reports::open_export(&self.pool, filter, rows_max).await
+        Portable::<Sqlite>::open_export(&self.pool, &SQLITE, filter, rows_max).await
     }
 
     async fn list_events(
@@ -484,26 +441,18 @@ impl Store for SqliteStore {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<EventRow>, sqlx::Error> {
-        reports::list_events(&self.pool, filter, before, limit).await
+        Portable::<Sqlite>::list_events(&self.pool, filter, before, limit).await
     }
 
     async fn ledger_mismatches(&self, max: usize) -> Result<LedgerCheck, sqlx::Error> {
-        let rows: Vec<LedgerRow> = sqlx::query_as(LEDGER_MISMATCHES_SQL)
-            .bind(limit_past(max))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(LedgerCheck::of(rows, max))
+        Portable::<Sqlite>::ledger_mismatches(&self.pool, max).await
     }
 
     async fn orphan_allocations(
         &self,
         max: usize,
     ) -> Result<(Vec<OrphanAllocation>, bool), sqlx::Error> {
-        let orphans = sqlx::query_as(ORPHAN_ALLOCATIONS_SQL)
-            .bind(limit_past(max))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(cut_orphans(orphans, max))
+        Portable::<Sqlite>::orphan_allocations(&self.pool, max).await
     }
 
     async fn insert_mismatch_events(
@@ -516,7 +465,7 @@ impl Store for SqliteStore {
         }
         let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         for (user_id, payload) in events {
-            insert_event(
+            Portable::<Sqlite>::insert_event(
                 &mut tx,
                 MISMATCH_EVENT_KIND,
                 Some(UserId(*user_id)),
@@ -572,7 +521,7 @@ async fn insert_grant_in(
         return Ok(None);
     };
     let payload = super::grant_event_payload(&row);
-    insert_event(
+    Portable::<Sqlite>::insert_event(
         &mut *tx,
         "billing_package_assign",
         Some(user_id),
@@ -581,7 +530,7 @@ async fn insert_grant_in(
     )
     .await?;
     if grant.status == GrantStatus::Active {
-        insert_event(
+        Portable::<Sqlite>::insert_event(
             &mut *tx,
             "billing_package_activate",
             Some(user_id),
@@ -591,25 +540,6 @@ async fn insert_grant_in(
         .await?;
     }
     Ok(Some(row))
-}
-
-pub(super) async fn insert_event(
-    tx: &mut SqliteConnection,
-    kind: &str,
-    user_id: Option<UserId>,
-    payload: &serde_json::Value,
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO billing_events (kind, user_id, payload, created_at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(kind)
-    .bind(user_id.map(UserId::get))
-    .bind(payload)
-    .bind(now)
-    .execute(tx)
-    .await?;
-    Ok(())
 }
 
 async fn allocations_of(

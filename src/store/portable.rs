@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Type};
 
-use crate::domain::{ConsumptionId, Grant, UserId, UserPackageId};
+use crate::domain::{ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
 use crate::store::catalog::{
     PackageFields, PackageFilter, PackageSort, PriceFields, price_event_payload,
 };
@@ -29,6 +29,10 @@ use crate::store::{
     PackageRow, SUMMARY_GRANTS_MAX, USER_PACKAGE_COLUMNS, UserPackageRow, grant_columns_of,
     grants_query, wallet_grants,
 };
+use crate::store::{
+    AllocationRow as StoredAllocation, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead,
+    StoredConsumption, assemble, grant_event_payload,
+};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
@@ -43,6 +47,8 @@ pub(crate) struct Dialect {
     pub lock_row: &'static str,
     /// A statistics group's key columns.
     pub group_keys: GroupKeys,
+    /// Answers the next grant id (ids come from one sequence, so they are unique across users).
+    pub next_grant_id: &'static str,
 }
 
 pub(crate) const POSTGRES: Dialect = Dialect {
@@ -53,6 +59,7 @@ pub(crate) const POSTGRES: Dialect = Dialect {
         by_day: "(created_at AT TIME ZONE 'UTC')::date AS day, NULL::text AS action_key, ",
         by_action_key: "NULL::date AS day, action_key, ",
     },
+    next_grant_id: "SELECT nextval('user_packages_id_seq')",
 };
 
 /// SQLite has no row locks: `BEGIN IMMEDIATE` takes the database's write lock up front. A
@@ -66,6 +73,8 @@ pub(crate) const SQLITE: Dialect = Dialect {
         by_day: "date(created_at) AS day, NULL AS action_key, ",
         by_action_key: "NULL AS day, action_key, ",
     },
+    next_grant_id: "UPDATE user_packages_id_seq SET last_value = last_value + 1 \
+                    RETURNING last_value",
 };
 
 /// The shared statements over database `DB` (`Postgres` or `Sqlite`).
@@ -100,7 +109,185 @@ where
     StatisticsGroup: for<'r> FromRow<'r, DB::Row>,
     StatisticsSums: for<'r> FromRow<'r, DB::Row>,
     AllocationRow: for<'r> FromRow<'r, DB::Row>,
+    StoredAllocation: for<'r> FromRow<'r, DB::Row>,
+    ConsumptionHead: for<'r> FromRow<'r, DB::Row>,
 {
+    /// Assigns a grant in one transaction with its `billing_package_assign` event (and
+    /// `billing_package_activate` when it starts active). The same `external_ref` twice
+    /// assigns once: the second call returns the first grant and `false`.
+    pub async fn insert_grant(
+        pool: &Pool<DB>,
+        dialect: &Dialect,
+        user_id: UserId,
+        grant: &NewGrant,
+        external_ref: Option<&str>,
+        note: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(UserPackageRow, bool), sqlx::Error> {
+        let mut tx = pool.begin_with(dialect.begin_write).await?;
+        let inserted =
+            Self::insert_grant_in(&mut tx, dialect, user_id, grant, external_ref, note, now)
+                .await?;
+        if let Some(row) = inserted {
+            tx.commit().await?;
+            return Ok((row, true));
+        }
+        let existing: UserPackageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
+             WHERE user_id = $1 AND external_ref = $2"
+        )))
+        .bind(user_id.get())
+        .bind(external_ref.map(str::to_owned))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        Ok((existing, false))
+    }
+
+    /// Records the user as registered and assigns `grants` (the new-user packages), all in one
+    /// transaction. A user registered before gets nothing: `(false, [])`.
+    pub async fn register_user(
+        pool: &Pool<DB>,
+        dialect: &Dialect,
+        user_id: UserId,
+        grants: &[NewGrant],
+        now: DateTime<Utc>,
+    ) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error> {
+        let mut tx = pool.begin_with(dialect.begin_write).await?;
+        let registered: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO user_registrations (user_id, registered_at) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
+        )
+        .bind(user_id.get())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if registered.is_none() {
+            tx.rollback().await?;
+            return Ok((false, Vec::new()));
+        }
+        let mut rows = Vec::with_capacity(grants.len());
+        for grant in grants {
+            // One per package and user, whatever else assigned that package before.
+            let external_ref = format!("new-user:{}", grant.package_id.get());
+            let inserted = Self::insert_grant_in(
+                &mut tx,
+                dialect,
+                user_id,
+                grant,
+                Some(&external_ref),
+                None,
+                now,
+            )
+            .await?;
+            rows.extend(inserted);
+        }
+        let package_ids: Vec<i64> = rows.iter().map(|row| row.package_id).collect();
+        Self::insert_event(
+            &mut tx,
+            "billing_user_registered",
+            Some(user_id),
+            &json!({ "assigned_package_ids": package_ids }),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((true, rows))
+    }
+
+    /// Inserts a grant and its events inside `tx`; `None` when `external_ref` is already taken.
+    async fn insert_grant_in(
+        tx: &mut DB::Connection,
+        dialect: &Dialect,
+        user_id: UserId,
+        grant: &NewGrant,
+        external_ref: Option<&str>,
+        note: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<UserPackageRow>, sqlx::Error> {
+        let id: i64 = sqlx::query_scalar(dialect.next_grant_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let inserted: Option<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO user_packages (user_id, id, package_id, source, status, priority,
+                 unlimited, total_credits, remaining_credits, duration_days, activated_at,
+                 expires_at, external_ref, note, created_at, updated_at)
+             VALUES ($1, $14, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13, $13)
+             ON CONFLICT (user_id, external_ref) DO NOTHING
+             RETURNING {USER_PACKAGE_COLUMNS}"
+        )))
+        .bind(user_id.get())
+        .bind(grant.package_id.get())
+        .bind(grant.source.as_str().to_owned())
+        .bind(grant.status.as_str().to_owned())
+        .bind(grant.priority)
+        .bind(grant.unlimited)
+        .bind(grant.total_credits.get())
+        .bind(grant.duration_days)
+        .bind(grant.activated_at)
+        .bind(grant.expires_at)
+        .bind(external_ref.map(str::to_owned))
+        .bind(note.map(str::to_owned))
+        .bind(now)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = inserted else {
+            return Ok(None);
+        };
+        let payload = grant_event_payload(&row);
+        Self::insert_event(
+            &mut *tx,
+            "billing_package_assign",
+            Some(user_id),
+            &payload,
+            now,
+        )
+        .await?;
+        if grant.status == GrantStatus::Active {
+            Self::insert_event(
+                &mut *tx,
+                "billing_package_activate",
+                Some(user_id),
+                &payload,
+                now,
+            )
+            .await?;
+        }
+        Ok(Some(row))
+    }
+
+    /// A committed deduction by its id, with its allocations.
+    pub async fn find_consumption(
+        pool: &Pool<DB>,
+        user_id: UserId,
+        id: ConsumptionId,
+    ) -> Result<Option<StoredConsumption>, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c
+             WHERE c.user_id = $1 AND c.id = $2"
+        )))
+        .bind(user_id.get())
+        .bind(id.get())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(head) = head else { return Ok(None) };
+        let allocations: Vec<StoredAllocation> = sqlx::query_as(
+            "SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits,
+                    a.refunded_credits, a.forfeited_credits
+             FROM consumption_allocations a
+             WHERE a.user_id = $1 AND a.consumption_id = $2
+             ORDER BY a.user_package_id",
+        )
+        .bind(user_id.get())
+        .bind(id.get())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(assemble(vec![head], allocations)?.into_iter().next())
+    }
+
     /// One page of consumption records with their allocations, from one snapshot.
     #[tracing::instrument(skip_all, fields(limit = limit))]
     pub async fn list_consumption(

@@ -26,9 +26,9 @@ use super::writer::{self, WriterHandle, WriterLimits};
 use super::{
     ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, Backend, CONSUMPTION_HEAD_COLUMNS,
     ConsumptionHead, Db, GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store,
-    StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow, assemble,
+    StoredConsumption, UserPackageRow, assemble,
 };
-use crate::domain::{ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
+use crate::domain::{ConsumptionId, Grant, NewGrant, UserId, UserPackageId};
 
 /// The PostgreSQL store over its pool.
 #[derive(Clone, Debug)]
@@ -175,7 +175,16 @@ impl Store for PgStore {
         note: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<(UserPackageRow, bool), sqlx::Error> {
-        insert_grant(&self.pool, user_id, grant, external_ref, note, now).await
+        Portable::<Postgres>::insert_grant(
+            &self.pool,
+            &POSTGRES,
+            user_id,
+            grant,
+            external_ref,
+            note,
+            now,
+        )
+        .await
     }
 
     async fn register_user(
@@ -184,7 +193,7 @@ impl Store for PgStore {
         grants: &[NewGrant],
         now: DateTime<Utc>,
     ) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error> {
-        register_user(&self.pool, user_id, grants, now).await
+        Portable::<Postgres>::register_user(&self.pool, &POSTGRES, user_id, grants, now).await
     }
 
     async fn find_user_package(
@@ -228,7 +237,7 @@ impl Store for PgStore {
         user_id: UserId,
         id: ConsumptionId,
     ) -> Result<Option<StoredConsumption>, sqlx::Error> {
-        find_consumption(&self.pool, user_id, id).await
+        Portable::<Postgres>::find_consumption(&self.pool, user_id, id).await
     }
 
     async fn find_consumption_owner(
@@ -329,123 +338,6 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
     MIGRATOR.run(pool).await.map_err(sqlx::Error::from)
 }
 
-/// Assigns a grant in one transaction with its `billing_package_assign` event (and
-/// `billing_package_activate` when it starts active). The same `external_ref` twice assigns
-/// once: the second call returns the first grant and `false`.
-async fn insert_grant(
-    pool: &PgPool,
-    user_id: UserId,
-    grant: &NewGrant,
-    external_ref: Option<&str>,
-    note: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<(UserPackageRow, bool), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    if let Some(row) = insert_grant_in(&mut tx, user_id, grant, external_ref, note, now).await? {
-        tx.commit().await?;
-        return Ok((row, true));
-    }
-    tx.rollback().await?;
-    let existing: UserPackageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages WHERE user_id = $1 AND external_ref = $2"
-    )))
-    .bind(user_id.get())
-    .bind(external_ref)
-    .fetch_one(pool)
-    .await?;
-    Ok((existing, false))
-}
-
-/// Inserts a grant and its events inside `tx`; `None` when `external_ref` is already taken.
-async fn insert_grant_in(
-    tx: &mut sqlx::PgConnection,
-    user_id: UserId,
-    grant: &NewGrant,
-    external_ref: Option<&str>,
-    note: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<Option<UserPackageRow>, sqlx::Error> {
-    let inserted: Option<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO user_packages (user_id, package_id, source, status, priority, unlimited,
-             total_credits, remaining_credits, duration_days, activated_at, expires_at,
-             external_ref, note, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13, $13)
-         ON CONFLICT ON CONSTRAINT user_packages_external_ref DO NOTHING
-         RETURNING {USER_PACKAGE_COLUMNS}"
-    )))
-    .bind(user_id.get())
-    .bind(grant.package_id.get())
-    .bind(grant.source.as_str())
-    .bind(grant.status.as_str())
-    .bind(grant.priority)
-    .bind(grant.unlimited)
-    .bind(grant.total_credits.get())
-    .bind(grant.duration_days)
-    .bind(grant.activated_at)
-    .bind(grant.expires_at)
-    .bind(external_ref)
-    .bind(note)
-    .bind(now)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = inserted else {
-        return Ok(None);
-    };
-    let payload = super::grant_event_payload(&row);
-    let mut kinds = vec!["billing_package_assign"];
-    if grant.status == GrantStatus::Active {
-        kinds.push("billing_package_activate");
-    }
-    for kind in kinds {
-        Portable::<Postgres>::insert_event(&mut *tx, kind, Some(user_id), &payload, now).await?;
-    }
-    Ok(Some(row))
-}
-
-/// Records the user as registered and assigns `grants` (the new-user packages), all in one
-/// transaction. A user registered before gets nothing: `(false, [])`.
-async fn register_user(
-    pool: &PgPool,
-    user_id: UserId,
-    grants: &[NewGrant],
-    now: DateTime<Utc>,
-) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let registered: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO user_registrations (user_id, registered_at) VALUES ($1, $2)
-         ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
-    )
-    .bind(user_id.get())
-    .bind(now)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if registered.is_none() {
-        tx.rollback().await?;
-        return Ok((false, Vec::new()));
-    }
-    let mut rows = Vec::with_capacity(grants.len());
-    for grant in grants {
-        // One per package and user, whatever else assigned that package before.
-        let external_ref = format!("new-user:{}", grant.package_id.get());
-        if let Some(row) =
-            insert_grant_in(&mut tx, user_id, grant, Some(&external_ref), None, now).await?
-        {
-            rows.push(row);
-        }
-    }
-    let package_ids: Vec<i64> = rows.iter().map(|row| row.package_id).collect();
-    Portable::<Postgres>::insert_event(
-        &mut tx,
-        "billing_user_registered",
-        Some(user_id),
-        &serde_json::json!({ "assigned_package_ids": package_ids }),
-        now,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((true, rows))
-}
-
 async fn allocations_of(
     executor: impl sqlx::PgExecutor<'_>,
     user_ids: &[i64],
@@ -503,21 +395,4 @@ async fn find_consumption_by_key(
     let mut conn = pool.acquire().await?;
     let found = find_consumptions_by_keys(&mut conn, &[user_id.get()], &[key]).await?;
     Ok(found.into_iter().next().map(|(_, stored)| stored))
-}
-
-async fn find_consumption(
-    pool: &PgPool,
-    user_id: UserId,
-    id: ConsumptionId,
-) -> Result<Option<StoredConsumption>, sqlx::Error> {
-    let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c WHERE c.user_id = $1 AND c.id = $2"
-    )))
-    .bind(user_id.get())
-    .bind(id.get())
-    .fetch_optional(pool)
-    .await?;
-    let Some(head) = head else { return Ok(None) };
-    let allocations = allocations_of(pool, &[head.user_id], &[head.id]).await?;
-    Ok(assemble(vec![head], allocations)?.into_iter().next())
 }

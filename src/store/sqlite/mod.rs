@@ -35,9 +35,9 @@ use super::writer::{self, WriterHandle, WriterLimits};
 use super::{
     ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, Backend, CONSUMPTION_HEAD_COLUMNS,
     ConsumptionHead, GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store,
-    StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow, assemble,
+    StoredConsumption, UserPackageRow, assemble,
 };
-use crate::domain::{ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
+use crate::domain::{ConsumptionId, Grant, NewGrant, UserId, UserPackageId};
 
 /// The migrations of the SQLite store, embedded in the binary and applied at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -280,22 +280,16 @@ impl Store for SqliteStore {
         note: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<(UserPackageRow, bool), sqlx::Error> {
-        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
-        if let Some(row) = insert_grant_in(&mut tx, user_id, grant, external_ref, note, now).await?
-        {
-            tx.commit().await?;
-            return Ok((row, true));
-        }
-        let existing: UserPackageRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
-             WHERE user_id = $1 AND external_ref = $2"
-        )))
-        .bind(user_id.get())
-        .bind(external_ref)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.rollback().await?;
-        Ok((existing, false))
+        Portable::<Sqlite>::insert_grant(
+            &self.pool,
+            &SQLITE,
+            user_id,
+            grant,
+            external_ref,
+            note,
+            now,
+        )
+        .await
     }
 
     async fn register_user(
@@ -304,40 +298,7 @@ impl Store for SqliteStore {
         grants: &[NewGrant],
         now: DateTime<Utc>,
     ) -> Result<(bool, Vec<UserPackageRow>), sqlx::Error> {
-        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
-        let registered: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO user_registrations (user_id, registered_at) VALUES ($1, $2)
-             ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
-        )
-        .bind(user_id.get())
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if registered.is_none() {
-            tx.rollback().await?;
-            return Ok((false, Vec::new()));
-        }
-        let mut rows = Vec::with_capacity(grants.len());
-        for grant in grants {
-            // One per package and user, whatever else assigned that package before.
-            let external_ref = format!("new-user:{}", grant.package_id.get());
-            if let Some(row) =
-                insert_grant_in(&mut tx, user_id, grant, Some(&external_ref), None, now).await?
-            {
-                rows.push(row);
-            }
-        }
-        let package_ids: Vec<i64> = rows.iter().map(|row| row.package_id).collect();
-        Portable::<Sqlite>::insert_event(
-            &mut tx,
-            "billing_user_registered",
-            Some(user_id),
-            &serde_json::json!({ "assigned_package_ids": package_ids }),
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok((true, rows))
+        Portable::<Sqlite>::register_user(&self.pool, &SQLITE, user_id, grants, now).await
     }
 
     async fn find_user_package(
@@ -384,19 +345,7 @@ impl Store for SqliteStore {
         user_id: UserId,
         id: ConsumptionId,
     ) -> Result<Option<StoredConsumption>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c
-             WHERE c.user_id = $1 AND c.id = $2"
-        )))
-        .bind(user_id.get())
-        .bind(id.get())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(head) = head else { return Ok(None) };
-        let allocations = allocations_of(&mut tx, head.user_id, head.id).await?;
-        tx.commit().await?;
-        Ok(assemble(vec![head], allocations)?.into_iter().next())
+        Portable::<Sqlite>::find_consumption(&self.pool, user_id, id).await
     }
 
     async fn find_consumption_owner(
@@ -476,70 +425,6 @@ impl Store for SqliteStore {
         }
         tx.commit().await
     }
-}
-
-/// Inserts a grant and its events inside `tx`; `None` when `external_ref` is already taken.
-async fn insert_grant_in(
-    tx: &mut SqliteConnection,
-    user_id: UserId,
-    grant: &NewGrant,
-    external_ref: Option<&str>,
-    note: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<Option<UserPackageRow>, sqlx::Error> {
-    // Grant ids come from one counter, as from PostgreSQL's sequence: unique across users.
-    let id: i64 = sqlx::query_scalar(
-        "UPDATE user_packages_id_seq SET last_value = last_value + 1 RETURNING last_value",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    let inserted: Option<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO user_packages (user_id, id, package_id, source, status, priority, unlimited,
-             total_credits, remaining_credits, duration_days, activated_at, expires_at,
-             external_ref, note, created_at, updated_at)
-         VALUES ($1, $14, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13, $13)
-         ON CONFLICT (user_id, external_ref) DO NOTHING
-         RETURNING {USER_PACKAGE_COLUMNS}"
-    )))
-    .bind(user_id.get())
-    .bind(grant.package_id.get())
-    .bind(grant.source.as_str())
-    .bind(grant.status.as_str())
-    .bind(grant.priority)
-    .bind(grant.unlimited)
-    .bind(grant.total_credits.get())
-    .bind(grant.duration_days)
-    .bind(grant.activated_at)
-    .bind(grant.expires_at)
-    .bind(external_ref)
-    .bind(note)
-    .bind(now)
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = inserted else {
-        return Ok(None);
-    };
-    let payload = super::grant_event_payload(&row);
-    Portable::<Sqlite>::insert_event(
-        &mut *tx,
-        "billing_package_assign",
-        Some(user_id),
-        &payload,
-        now,
-    )
-    .await?;
-    if grant.status == GrantStatus::Active {
-        Portable::<Sqlite>::insert_event(
-            &mut *tx,
-            "billing_package_activate",
-            Some(user_id),
-            &payload,
-            now,
-        )
-        .await?;
-    }
-    Ok(Some(row))
 }
 
 async fn allocations_of(

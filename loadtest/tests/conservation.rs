@@ -8,6 +8,9 @@ use std::time::Duration;
 use credits_engine::app::App;
 use credits_engine::clock::SystemClock;
 use credits_engine::config::{Secret, Settings};
+use credits_engine::store::Db;
+use credits_engine::store::postgres::PgStore;
+use credits_engine::store::sqlite::SqliteStore;
 use loadtest::config::Backend;
 use loadtest::conservation::{self, ENGINE_TABLES};
 use loadtest::driver::{DeductAck, Ledger, RefundAck};
@@ -42,38 +45,9 @@ async fn engine_and_baseline_conserve_every_credit(
     pool_options: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let mut settings = Settings::for_database("postgres://unused");
-    settings.listen_addr = "127.0.0.1:0".parse().unwrap();
-    settings.service_tokens = vec![Secret::new(SERVICE_TOKEN)];
-    settings.jwt_secret = Some(Secret::new("loadtest-test-jwt-secret"));
-    settings.db_pool_max = 8;
     let pool = pool_options.connect_with(connect.clone()).await.unwrap();
-    let app = App::build_with(
-        credits_engine::store::postgres::PgStore::db(pool),
-        settings,
-        Arc::new(SystemClock),
-    )
-    .await
-    .unwrap();
-    let addr = app.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-
-    let config = Config {
-        database_url: url_of(&connect),
-        backend: Backend::Postgres,
-        baseline_database: Some(connect),
-        engine: EngineSource::Running {
-            addr,
-            service_token: SERVICE_TOKEN.into(),
-        },
-        workload: workload(),
-    };
-    let summary = loadtest::run(&config).await.unwrap();
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    let url = url_of(&connect);
+    let summary = run_in_process(PgStore::db(pool), url, Backend::Postgres, Some(connect)).await;
 
     let baseline = summary.baseline.as_ref().expect("the baseline ran");
     assert!(summary.conservation_ok, "{summary}");
@@ -186,35 +160,8 @@ async fn the_engine_on_sqlite_conserves_every_credit() {
         let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
     }
     let url = format!("sqlite://{}", file.display());
-    let mut settings = Settings::for_database(&url);
-    settings.listen_addr = "127.0.0.1:0".parse().unwrap();
-    settings.service_tokens = vec![Secret::new(SERVICE_TOKEN)];
-    settings.jwt_secret = Some(Secret::new("loadtest-test-jwt-secret"));
-    let store = credits_engine::store::sqlite::SqliteStore::connect(&url, 8)
-        .await
-        .unwrap();
-    let app = App::build_with(Arc::new(store), settings, Arc::new(SystemClock))
-        .await
-        .unwrap();
-    let addr = app.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-
-    let config = Config {
-        database_url: url,
-        backend: Backend::Sqlite,
-        baseline_database: None,
-        engine: EngineSource::Running {
-            addr,
-            service_token: SERVICE_TOKEN.into(),
-        },
-        workload: workload(),
-    };
-    let summary = loadtest::run(&config).await.unwrap();
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    let store = SqliteStore::connect(&url, 8).await.unwrap();
+    let summary = run_in_process(Arc::new(store), url, Backend::Sqlite, None).await;
 
     assert!(summary.baseline.is_none());
     assert!(summary.conservation_ok, "{summary}");
@@ -229,6 +176,42 @@ async fn the_engine_on_sqlite_conserves_every_credit() {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
     }
+}
+
+/// Runs the workload against an engine served in this process over `db`, whose database
+/// `database_url` names; the baseline too when `baseline_database` is given.
+async fn run_in_process(
+    db: Db,
+    database_url: String,
+    backend: Backend,
+    baseline_database: Option<PgConnectOptions>,
+) -> loadtest::Summary {
+    let mut settings = Settings::for_database("postgres://unused");
+    settings.listen_addr = "127.0.0.1:0".parse().unwrap();
+    settings.service_tokens = vec![Secret::new(SERVICE_TOKEN)];
+    settings.jwt_secret = Some(Secret::new("loadtest-test-jwt-secret"));
+    settings.db_pool_max = 8;
+    let app = App::build_with(db, settings, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let config = Config {
+        database_url,
+        backend,
+        baseline_database,
+        engine: EngineSource::Running {
+            addr: app.local_addr().unwrap(),
+            service_token: SERVICE_TOKEN.into(),
+        },
+        workload: workload(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let summary = loadtest::run(&config).await.unwrap();
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    summary
 }
 
 /// A URL for the test's database (the load generator connects by URL).

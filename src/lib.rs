@@ -1,8 +1,9 @@
 //! credits-engine: charges users in credits for AI features, exactly, fast and durably.
 //!
 //! Each active user gets an in-memory wallet actor that serializes that user's deductions;
-//! wallets hand their effects to a batch writer that commits them to PostgreSQL in group
-//! commits, and a deduct is answered only after its batch committed.
+//! wallets hand their effects to a batch writer that commits them to the database in group
+//! commits (an SQLite file by default, PostgreSQL when `DATABASE_URL` names one), and a deduct
+//! is answered only after its batch committed.
 //!
 //! # Data flow
 //!
@@ -16,10 +17,10 @@
 //!   Wallet actor (ractor)            wallet/   pure ledger logic (domain/) on memory,
 //!      |  Envelope{effect, reply}              never waits for a commit
 //!      v
-//!   Batch writer lanes               store/writer.rs   one transaction per batch, UNNEST
+//!   Batch writer lanes               store/writer.rs   one transaction per batch
 //!      |  commit, then reply + Settled
 //!      v
-//!   PostgreSQL                       migrations/postgres
+//!   Store (one trait)                store/sqlite (default), store/postgres; migrations/<backend>
 //! ```
 //!
 //! The catalog (prices, packages) sits beside this path as an immutable snapshot; the
@@ -31,7 +32,8 @@
 //! - [`catalog`]: action prices and packages, swapped whole on change.
 //! - [`wallet`]: the per-user actor and its messages.
 //! - [`registry`]: finds or spawns wallets.
-//! - [`store`]: every SQL statement; [`store::writer`] is the group-commit writer.
+//! - [`store`]: every SQL statement, behind the [`store::Store`] trait with a PostgreSQL and an
+//!   SQLite implementation; [`store::writer`] is the group-commit writer both share.
 //! - [`http`]: the router, one module per surface, the error body, and the OpenAPI document.
 //! - [`console`]: server-rendered pages for operators (`/console`) and users (`/me`), a
 //!   client of the API in process.

@@ -113,7 +113,7 @@ pub type Merge<'a, R, F> = Box<dyn FnOnce(&R) -> Option<F> + Send + 'a>;
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn backend(&self) -> Backend;
 
-    /// Starts the batch writer's lanes over this store (see [`writer::spawn_lanes`]).
+    /// Starts the batch writer's lanes over this store (see `writer::spawn_lanes`).
     fn spawn_writer(
         &self,
         limits: WriterLimits,

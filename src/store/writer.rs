@@ -2,7 +2,7 @@
 //!
 //! Wallets apply a deduction or refund in memory and hand the effect, with the caller's reply
 //! port, to the writer lane of their user. A lane takes whatever is queued (up to `batch_max`),
-//! commits it in one transaction of a handful of statements (see [`BatchDialect`]: array
+//! commits it in one transaction of a handful of statements (see `BatchDialect`: array
 //! `UNNEST` statements on PostgreSQL, prepared per-row statements on SQLite), and only then
 //! answers the callers and reports back to the wallets. The next batch starts with whatever
 //! queued while this one committed: group commit without a fixed sleep.

@@ -1,5 +1,5 @@
 //! The PostgreSQL store: for several engine nodes, a large history, and the operations
-//! tooling (backups, replicas, `psql`) a production deployment has. [`batch`] holds the batch
+//! tooling (backups, replicas, `psql`) a production deployment has. `batch` holds the batch
 //! writer's statements.
 
 pub(crate) mod batch;

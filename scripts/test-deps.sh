@@ -29,7 +29,9 @@ command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 
 # The server the README's command points the tests at (or DATABASE_URL, when set).
 postgres_url="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-if command -v pg_isready >/dev/null && ! pg_isready -q -d "$postgres_url"; then
+if ! command -v pg_isready >/dev/null; then
+    echo "test-deps: pg_isready is not installed; tests/postgres_required.rs checks PostgreSQL instead" >&2
+elif ! pg_isready -q -d "$postgres_url"; then
     echo "test-deps: PostgreSQL at ${postgres_url#*@} does not answer; the tests need it." >&2
     echo "test-deps: start it, for example: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2
     exit 1

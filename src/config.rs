@@ -160,7 +160,15 @@ impl Settings {
     pub fn database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.expose().to_owned(),
-            None => format!("sqlite://{}", self.data_dir.join(DATA_FILE).display()),
+            None => {
+                // The URL's path is percent-decoded: a directory may hold `%`, `?` or `#`.
+                let path = self.data_dir.join(DATA_FILE).display().to_string();
+                let path = path
+                    .replace('%', "%25")
+                    .replace('?', "%3F")
+                    .replace('#', "%23");
+                format!("sqlite://{path}")
+            }
         }
     }
 

@@ -214,17 +214,22 @@ async fn run_in_process(
     summary
 }
 
-/// A URL for the test's database (the load generator connects by URL).
+/// A URL for the test's database (the load generator connects by URL): `DATABASE_URL`, with
+/// its credentials and parameters, naming the test's database.
 fn url_of(connect: &PgConnectOptions) -> String {
-    format!(
-        "postgres://{}@{}:{}/{}",
-        connect.get_username(),
-        connect.get_host(),
-        connect.get_port(),
-        connect
-            .get_database()
-            .expect("sqlx::test names its database"),
-    )
+    let database = connect
+        .get_database()
+        .expect("sqlx::test names its database");
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test server");
+    let (address, parameters) = base.split_once('?').unwrap_or((&base, ""));
+    let (server, _) = address
+        .rsplit_once('/')
+        .expect("DATABASE_URL has a database path");
+    if parameters.is_empty() {
+        format!("{server}/{database}")
+    } else {
+        format!("{server}/{database}?{parameters}")
+    }
 }
 
 async fn any_pool(url: &str) -> AnyPool {

@@ -7,7 +7,8 @@
 -- Translation: bigint/integer/boolean -> INTEGER (booleans are 0/1, checked); text/timestamptz/
 -- jsonb -> TEXT (timestamps as RFC 3339 text, JSON checked with json_valid); regex checks ->
 -- length() + GLOB; sequences -> one-row counter tables the application advances with
--- UPDATE ... RETURNING inside its transaction.
+-- UPDATE ... RETURNING (a grant's id inside the grant's transaction; a block of consumption ids
+-- in a transaction of its own, as nextval does).
 --
 -- Every user-owned table carries user_id and it leads its primary and unique keys, so the tables
 -- can be distributed by user_id later without a redesign. CHECK constraints make impossible
@@ -105,7 +106,8 @@ CREATE INDEX user_packages_live_expiry ON user_packages (expires_at) WHERE statu
 -- (consumption_id_blocks), so a batch knows every id before it inserts.
 --
 -- Stands in for Postgres' consumption_id_blocks sequence: one row, advanced with
--- UPDATE consumption_id_blocks SET last_value = last_value + ? RETURNING last_value.
+-- UPDATE consumption_id_blocks SET last_value = last_value + 1 RETURNING last_value
+-- (each value is a block of 1024 ids).
 CREATE TABLE consumption_id_blocks (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
     last_value INTEGER NOT NULL

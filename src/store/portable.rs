@@ -257,20 +257,21 @@ where
         Ok(Some(row))
     }
 
-    /// A committed deduction by its id, with its allocations.
+    /// A committed deduction by its id, with its allocations. Two reads without a transaction
+    /// around them: only the user's own wallet, which is asking, changes them.
     pub async fn find_consumption(
         pool: &Pool<DB>,
         user_id: UserId,
         id: ConsumptionId,
     ) -> Result<Option<StoredConsumption>, sqlx::Error> {
-        let mut tx = pool.begin().await?;
+        let mut connection = pool.acquire().await?;
         let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c
              WHERE c.user_id = $1 AND c.id = $2"
         )))
         .bind(user_id.get())
         .bind(id.get())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *connection)
         .await?;
         let Some(head) = head else { return Ok(None) };
         let allocations: Vec<StoredAllocation> = sqlx::query_as(
@@ -282,9 +283,8 @@ where
         )
         .bind(user_id.get())
         .bind(id.get())
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *connection)
         .await?;
-        tx.commit().await?;
         Ok(assemble(vec![head], allocations)?.into_iter().next())
     }
 

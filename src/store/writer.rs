@@ -3,7 +3,7 @@
 //! Wallets apply a deduction or refund in memory and hand the effect, with the caller's reply
 //! port, to the writer lane of their user. A lane takes whatever is queued (up to `batch_max`),
 //! commits it in one transaction of a handful of statements (see `BatchDialect`: array
-//! `UNNEST` statements on PostgreSQL, prepared per-row statements on SQLite), and only then
+//! `UNNEST` statements on PostgreSQL, multi-row `VALUES` statements on SQLite), and only then
 //! answers the callers and reports back to the wallets. The next batch starts with whatever
 //! queued while this one committed: group commit without a fixed sleep.
 //!
@@ -296,7 +296,8 @@ impl<D: BatchDialect> LaneConnection<D> {
     /// After a failure that was not the server refusing a statement, the connection may be
     /// broken or mid-protocol: the next batch makes a new one.
     fn forget_after(&mut self, error: &CommitError) {
-        if !matches!(error, CommitError::RolledBack(sqlx::Error::Database(_))) {
+        let refused = matches!(error, CommitError::RolledBack(sqlx::Error::Database(_)));
+        if !(refused && D::KEEPS_CONNECTION_AFTER_DATABASE_ERROR) {
             self.open = None;
         }
     }
@@ -582,12 +583,15 @@ pub(crate) type Conn<D> = <<D as BatchDialect>::Db as sqlx::Database>::Connectio
 
 /// The statements of a batch, in one backend's SQL. [`commit`] runs them in this order inside
 /// one transaction; any error rolls the whole batch back. Implemented by
-/// `store::postgres::batch` (array `UNNEST` statements) and `store::sqlite::batch` (prepared
-/// statements per row, which an in-process database runs without round trips).
+/// `store::postgres::batch` (array `UNNEST` statements) and `store::sqlite::batch` (multi-row
+/// `VALUES` statements): either way one statement per kind of row a batch writes.
 pub(crate) trait BatchDialect: Send + 'static {
     type Db: sqlx::Database;
     /// Opens the batch's transaction.
     const BEGIN: &'static str;
+    /// Whether the lane goes on with its connection after a batch the database refused (any
+    /// other failure always makes a new connection).
+    const KEEPS_CONNECTION_AFTER_DATABASE_ERROR: bool;
 
     /// The next block of consumption ids (each block holds [`CONSUMPTION_ID_BLOCK`] ids).
     async fn next_id_block(connection: &mut Conn<Self>) -> Result<i64, sqlx::Error>;

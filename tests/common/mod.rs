@@ -83,16 +83,12 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn postgres(pool: PgPool) -> TestDb {
-        let options = pool.connect_options();
-        let url = format!(
-            "postgres://{}@{}:{}/{}",
-            options.get_username(),
-            options.get_host(),
-            options.get_port(),
-            options
-                .get_database()
-                .expect("sqlx::test names its database"),
-        );
+        let database = pool
+            .connect_options()
+            .get_database()
+            .expect("sqlx::test names its database")
+            .to_owned();
+        let url = database_url_for(&database);
         TestDb {
             store: PgStore::db(pool.clone()),
             sql: any_pool(&url).await,
@@ -132,6 +128,23 @@ impl Drop for TestDb {
         if let Some(file) = &self.file {
             remove_sqlite_files(file);
         }
+    }
+}
+
+/// `DATABASE_URL` (the server the tests create their databases on, with its credentials and
+/// parameters) naming `database` instead of its own.
+pub fn database_url_for(database: &str) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test server");
+    let (address, parameters) = match base.split_once('?') {
+        Some((address, parameters)) => (address, Some(parameters)),
+        None => (base.as_str(), None),
+    };
+    let (server, _) = address
+        .rsplit_once('/')
+        .expect("DATABASE_URL has a database path");
+    match parameters {
+        Some(parameters) => format!("{server}/{database}?{parameters}"),
+        None => format!("{server}/{database}"),
     }
 }
 

@@ -19,6 +19,9 @@ pub(crate) struct PgBatch;
 impl BatchDialect for PgBatch {
     type Db = Postgres;
     const BEGIN: &'static str = "BEGIN";
+    /// The server refused a statement and the transaction was rolled back: the connection is
+    /// sound.
+    const KEEPS_CONNECTION_AFTER_DATABASE_ERROR: bool = true;
 
     async fn next_id_block(connection: &mut PgConnection) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT nextval('consumption_id_blocks')")

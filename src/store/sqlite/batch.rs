@@ -1,5 +1,5 @@
 //! The batch writer's statements on SQLite: each kind of row a batch writes goes in one
-//! multi-row statement (in chunks of [`ROWS_PER_STATEMENT`], under SQLite's limit on bound
+//! multi-row statement (in chunks of [`ROWS_PER_STATEMENT_MAX`], under SQLite's limit on bound
 //! values), as PostgreSQL's `UNNEST` statements do: every statement is a hop to the
 //! connection's thread, and a batch commits with one WAL sync.
 
@@ -16,13 +16,13 @@ use crate::store::writer::{
 use crate::store::{StoredConsumption, UserPackageRow};
 
 /// Rows in one statement: 12 bound values a consumption record, far below SQLite's 32,766.
-const ROWS_PER_STATEMENT: usize = 512;
+const ROWS_PER_STATEMENT_MAX: usize = 512;
 
-/// The row indexes `0..rows`, in chunks of at most [`ROWS_PER_STATEMENT`].
+/// The row indexes `0..rows`, in chunks of at most [`ROWS_PER_STATEMENT_MAX`].
 fn row_chunks(rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     (0..rows)
-        .step_by(ROWS_PER_STATEMENT)
-        .map(move |start| start..(start + ROWS_PER_STATEMENT).min(rows))
+        .step_by(ROWS_PER_STATEMENT_MAX)
+        .map(move |start| start..(start + ROWS_PER_STATEMENT_MAX).min(rows))
 }
 
 /// The SQLite statements of the batch writer.
@@ -31,13 +31,24 @@ pub(crate) struct SqliteBatch;
 impl BatchDialect for SqliteBatch {
     type Db = Sqlite;
     const BEGIN: &'static str = super::BEGIN_WRITE;
+    /// SQLite rolls a transaction back by itself after an I/O, disk-full or out-of-memory error,
+    /// which leaves the connection's own count of open transactions wrong: start afresh.
+    const KEEPS_CONNECTION_AFTER_DATABASE_ERROR: bool = false;
 
+    /// Its own transaction (autocommit), like PostgreSQL's `nextval`. Read with `fetch_all`,
+    /// which steps the statement to its end: the commit happens there, so a commit that fails
+    /// is an error here (a statement reset after its first row would swallow it, and the block
+    /// would be handed out again after a restart).
     async fn next_id_block(connection: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
+        let blocks: Vec<i64> = sqlx::query_scalar(
             "UPDATE consumption_id_blocks SET last_value = last_value + 1 RETURNING last_value",
         )
-        .fetch_one(connection)
-        .await
+        .fetch_all(connection)
+        .await?;
+        blocks
+            .first()
+            .copied()
+            .ok_or_else(|| protocol("consumption_id_blocks has no row"))
     }
 
     async fn insert_consumptions(

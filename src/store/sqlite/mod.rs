@@ -1,7 +1,8 @@
 //! The SQLite store, the embedded default: one file on the engine's machine, in WAL mode with
 //! `synchronous=FULL`, so an acknowledged deduction has reached the disk (the WAL is synced at
 //! every commit) and survives a crash of the engine or the machine. One engine process owns
-//! the file; several engine nodes, a large history or a DBA's tooling call for PostgreSQL.
+//! the file (see [`FileOwner`]); several engine nodes, a large history or a DBA's tooling call
+//! for PostgreSQL.
 //!
 //! SQLite takes one writer at a time: the batch writer runs one lane, and every write
 //! transaction here starts with `BEGIN IMMEDIATE`, so it takes the write lock first (waiting up
@@ -45,6 +46,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 /// How long a write waits for another connection's write transaction to end.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The fewest connections the pool may have, whatever `CREDITS_DB_POOL_MAX` says: an export
+/// holds one for as long as its client downloads, and wallet loads need another meanwhile.
+const POOL_MIN: u32 = 2;
+
 /// Opens every write transaction: takes the write lock at once (see the module doc).
 const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 
@@ -63,7 +68,7 @@ impl SqliteStore {
             create_directory(directory)?;
         }
         let pool = SqlitePoolOptions::new()
-            .max_connections(pool_max.max(2))
+            .max_connections(pool_max.max(POOL_MIN))
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
@@ -109,8 +114,8 @@ impl FileOwner {
             Ok(()) => Ok(FileOwner { _lock: lock }),
             Err(std::fs::TryLockError::WouldBlock) => Err(sqlx::Error::Configuration(
                 format!(
-                    "another engine process is using {}; one process owns an SQLite database \
-                     (run several engine nodes on PostgreSQL)",
+                    "another engine process is using {}; one engine process owns an SQLite \
+                     database",
                     database.display()
                 )
                 .into(),
@@ -490,6 +495,68 @@ mod tests {
         drop(owner);
         FileOwner::take(&url).expect("the file is free again once its owner is gone");
         let _ = std::fs::remove_dir_all(directory);
+    }
+
+    /// The durability a deduct's acknowledgement relies on, on a pooled connection and on one
+    /// made the way the writer lane makes its own (from the pool's options).
+    #[tokio::test]
+    async fn every_connection_syncs_the_wal_at_each_commit() {
+        use sqlx::{Connection, SqliteConnection};
+        let directory =
+            std::env::temp_dir().join(format!("credits-pragmas-{}", std::process::id()));
+        let url = format!("sqlite://{}", directory.join("credits.db").display());
+        let store = SqliteStore::connect(&url, 4).await.expect("opens");
+        let mut pooled = store.pool.acquire().await.expect("a pooled connection");
+        let mut lane = SqliteConnection::connect_with(&store.pool.connect_options())
+            .await
+            .expect("a lane's connection");
+        for connection in [&mut *pooled, &mut lane] {
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut *connection)
+                .await
+                .unwrap();
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut *connection)
+                .await
+                .unwrap();
+            let busy_ms: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+                .fetch_one(&mut *connection)
+                .await
+                .unwrap();
+            let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+                .fetch_one(&mut *connection)
+                .await
+                .unwrap();
+            assert_eq!(synchronous, 2, "synchronous=FULL");
+            assert_eq!(journal, "wal");
+            assert_eq!(busy_ms, 5_000);
+            assert_eq!(foreign_keys, 1);
+        }
+        drop(pooled);
+        lane.close().await.unwrap();
+        store.pool.close().await;
+        let _ = std::fs::remove_dir_all(directory);
+    }
+
+    #[test]
+    fn a_data_directory_may_hold_characters_a_url_treats_specially() {
+        use clap::Parser;
+        let cli = crate::config::Cli::parse_from([
+            "credits-engine",
+            "serve",
+            "--data-dir",
+            "/tmp/odd?dir#with%chars",
+        ]);
+        let crate::config::Command::Serve(mut settings) = cli.command else {
+            panic!("parsed a serve command");
+        };
+        // The test runner's own DATABASE_URL would otherwise be read.
+        settings.database_url = None;
+        let options = connect_options(&settings.database_url()).unwrap();
+        assert_eq!(
+            options.get_filename(),
+            Path::new("/tmp/odd?dir#with%chars/credits.db")
+        );
     }
 
     #[test]

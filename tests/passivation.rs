@@ -1,5 +1,6 @@
 //! Idle wallets leave memory, and requests racing a passivation are neither lost nor doubled.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -7,36 +8,22 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::*;
-use credits_engine::app::App;
 use credits_engine::clock::ManualClock;
 use futures_util::future::join_all;
 use serde_json::json;
-use sqlx::PgPool;
 
 const USERS: i64 = 20;
 const CREDITS_EACH: i64 = 100_000;
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn deducts_racing_passivation_are_neither_lost_nor_doubled(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(CREDITS_EACH), None).await;
+backend_tests! {
+async fn deducts_racing_passivation_are_neither_lost_nor_doubled(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(CREDITS_EACH), None).await;
     let mut settings = settings("postgres://unused");
     // Wallets idle for 20 ms passivate: far shorter than the pauses between bursts below, and
     // the same order as the bursts themselves, so stops land between and amid requests.
     settings.wallet_idle_ms = 20;
     let clock = Arc::new(ManualClock::new(start_time()));
-    let app = App::build_with(
-        credits_engine::store::postgres::PgStore::db(pool.clone()),
-        settings,
-        clock.clone(),
-    )
-    .await
-    .unwrap();
-    let engine = TestEngine {
-        router: app.router(),
-        app,
-        db: credits_engine::store::postgres::PgStore::db(pool.clone()),
-        clock,
-    };
+    let engine = engine_on_with(&db, settings, clock).await;
     for user in 1..=USERS {
         engine.grant(user, credits, json!({})).await;
     }
@@ -65,16 +52,16 @@ async fn deducts_racing_passivation_are_neither_lost_nor_doubled(pool: PgPool) {
 
     // Every acknowledged deduct is in the database once; balances equal the ledger.
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM consumption_records").await,
+        count(&db, "SELECT count(*) FROM consumption_records").await,
         acknowledged
     );
-    let remaining: i64 =
-        sqlx::query_scalar("SELECT SUM(remaining_credits)::bigint FROM user_packages")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let remaining = count(
+        &db,
+        "SELECT CAST(SUM(remaining_credits) AS BIGINT) FROM user_packages",
+    )
+    .await;
     assert_eq!(remaining, USERS * CREDITS_EACH - acknowledged);
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
 
     // A passivated user's retry is still a replay, answered by a fresh wallet.
     tokio::time::sleep(Duration::from_millis(120)).await;
@@ -84,4 +71,5 @@ async fn deducts_racing_passivation_are_neither_lost_nor_doubled(pool: PgPool) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(replay["replayed"], true);
     engine.assert_reconciliation_clean().await;
+}
 }

@@ -1,6 +1,7 @@
 //! Supervision and the wallet limit: a wallet that panics is restarted from the database while
 //! every other user is served on; a full map evicts the least recently used wallet.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -35,10 +36,10 @@ async fn wait_for_metric(engine: &TestEngine, name: &str, at_least: f64) {
     );
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_panicking_wallet_is_restarted_and_no_other_user_notices(pool: PgPool) {
-    let credits = create_package(&pool, "credits", Some(CREDITS_EACH), None).await;
-    let engine = engine(pool.clone()).await;
+backend_tests! {
+async fn a_panicking_wallet_is_restarted_and_no_other_user_notices(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(CREDITS_EACH), None).await;
+    let engine = engine_on(&db).await;
     for user in CRASHING_USER..=*OTHER_USERS.end() {
         engine.grant(user, credits, json!({})).await;
     }
@@ -110,7 +111,7 @@ async fn a_panicking_wallet_is_restarted_and_no_other_user_notices(pool: PgPool)
         "SELECT count(*) FROM consumption_records WHERE user_id = $1 AND idempotency_key LIKE 'c%'",
     )
     .bind(CRASHING_USER)
-    .fetch_one(&pool)
+    .fetch_one(&db.sql)
     .await
     .unwrap();
     assert_eq!(
@@ -118,13 +119,13 @@ async fn a_panicking_wallet_is_restarted_and_no_other_user_notices(pool: PgPool)
         "{unavailable} answers were 503 before their retry"
     );
     assert_eq!(
-        remaining_of(&pool, CRASHING_USER).await,
+        remaining_of(&db, CRASHING_USER).await,
         CREDITS_EACH - 61 * cost
     );
     for user in OTHER_USERS {
-        assert_eq!(remaining_of(&pool, user).await, CREDITS_EACH - 20 * cost);
+        assert_eq!(remaining_of(&db, user).await, CREDITS_EACH - 20 * cost);
     }
-    assert_ledger_balanced(&pool).await;
+    assert_ledger_balanced(&db).await;
     // The successor's memory is exactly the database: it loaded after every effect of its
     // predecessor had settled.
     let report = engine.assert_reconciliation_clean().await;
@@ -145,6 +146,7 @@ async fn a_panicking_wallet_is_restarted_and_no_other_user_notices(pool: PgPool)
         CREDITS_EACH - 62 * cost
     );
     engine.stop().await;
+}
 }
 
 #[sqlx::test(migrations = "./migrations/postgres")]

@@ -264,7 +264,16 @@ pub async fn engine_on(db: &TestDb) -> TestEngine {
 }
 
 pub async fn engine_on_with_clock(db: &TestDb, clock: Arc<ManualClock>) -> TestEngine {
-    engine_over(db.store.clone(), settings("postgres://unused"), clock).await
+    engine_on_with(db, settings("postgres://unused"), clock).await
+}
+
+/// An engine over a [`TestDb`] with settings of the test's choosing.
+pub async fn engine_on_with(
+    db: &TestDb,
+    settings: Settings,
+    clock: Arc<ManualClock>,
+) -> TestEngine {
+    engine_over(db.store.clone(), settings, clock).await
 }
 
 async fn engine_over(db: Db, settings: Settings, clock: Arc<ManualClock>) -> TestEngine {

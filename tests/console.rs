@@ -2,12 +2,13 @@
 //! forms): sign-in, CSRF, who sees what, and the operators' forms end to end against the
 //! database. `console_browser.rs` drives the same pages in a real browser.
 
+#[macro_use]
 mod common;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use common::{Answer, TestEngine};
+use common::{Answer, TestDb, TestEngine};
 use http_body_util::BodyExt;
 use serde_json::json;
 use sqlx::PgPool;
@@ -93,9 +94,9 @@ fn location(answer: &Answer) -> &str {
     answer.headers[header::LOCATION].to_str().unwrap()
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn visitors_sign_in_with_a_token_kept_in_a_strict_http_only_cookie(pool: PgPool) {
-    let engine = common::engine(pool).await;
+backend_tests! {
+async fn visitors_sign_in_with_a_token_kept_in_a_strict_http_only_cookie(db: TestDb) {
+    let engine = common::engine_on(&db).await;
     let anonymous = Browser::anonymous(&engine);
 
     let sent = anonymous.get("/console/packages?visible=true").await;
@@ -230,10 +231,11 @@ async fn visitors_sign_in_with_a_token_kept_in_a_strict_http_only_cookie(pool: P
     );
     engine.stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_form_without_its_sessions_csrf_token_changes_nothing(pool: PgPool) {
-    let engine = common::engine(pool.clone()).await;
+backend_tests! {
+async fn a_form_without_its_sessions_csrf_token_changes_nothing(db: TestDb) {
+    let engine = common::engine_on(&db).await;
     let admin = Browser::signed_in(&engine, &common::admin_token()).await;
     let fields = [
         ("action_key", "forged"),
@@ -258,7 +260,7 @@ async fn a_form_without_its_sessions_csrf_token_changes_nothing(pool: PgPool) {
     assert!(forged.text().contains("Reload the page"));
     let count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM action_prices WHERE action_key = 'forged'")
-            .fetch_one(&pool)
+            .fetch_one(&db.sql)
             .await
             .unwrap();
     assert_eq!(count, 0);
@@ -273,11 +275,12 @@ async fn a_form_without_its_sessions_csrf_token_changes_nothing(pool: PgPool) {
     assert!(listed.contains("data-action-key=\"forged\""));
     engine.stop().await;
 }
+}
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn a_user_page_shows_only_that_users_data(pool: PgPool) {
-    let package = common::create_package(&pool, "credits", Some(40), None).await;
-    let engine = common::engine(pool.clone()).await;
+backend_tests! {
+async fn a_user_page_shows_only_that_users_data(db: TestDb) {
+    let package = common::create_package(&db, "credits", Some(40), None).await;
+    let engine = common::engine_on(&db).await;
     for user in [7, 8] {
         engine
             .grant(user, package, json!({ "note": format!("for {user}") }))
@@ -307,6 +310,7 @@ async fn a_user_page_shows_only_that_users_data(pool: PgPool) {
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(bad.text().contains("must be a date, YYYY-MM-DD"));
     engine.stop().await;
+}
 }
 
 #[sqlx::test(migrations = "./migrations/postgres")]
@@ -482,10 +486,10 @@ async fn operators_manage_packages_and_grants_through_forms(pool: PgPool) {
     engine.stop().await;
 }
 
-#[sqlx::test(migrations = "./migrations/postgres")]
-async fn the_report_pages_render_and_export(pool: PgPool) {
-    let package = common::create_package(&pool, "credits", Some(100), None).await;
-    let engine = common::engine(pool.clone()).await;
+backend_tests! {
+async fn the_report_pages_render_and_export(db: TestDb) {
+    let package = common::create_package(&db, "credits", Some(100), None).await;
+    let engine = common::engine_on(&db).await;
     engine.grant(5, package, json!({})).await;
     for key in ["a", "b"] {
         let (status, _) = engine
@@ -572,4 +576,5 @@ async fn the_report_pages_render_and_export(pool: PgPool) {
             .contains("billing_credits_deduct")
     );
     engine.stop().await;
+}
 }

@@ -1,14 +1,19 @@
 //! Statements whose SQL both backends share, written once over any sqlx database that binds
-//! and reads the engine's column types. The backends call them with their own pool or
-//! connection; what differs between them (how a write transaction begins, how a read row is
-//! locked) is a [`Dialect`]. Every catalog write commits with its audit event in one
-//! transaction; the caller then reloads the in-memory snapshot.
+//! and reads the engine's column types: the catalog's writes and lists, grant assignment and
+//! registration, the wallet's and the lists' reads, the reports (with the CSV export's stream),
+//! reconciliation's reads, audit events, and the grant changes of the batch writer. The
+//! backends call them with their own pool or connection; what differs between them (how a
+//! transaction begins, row locks, a timestamp's day, where grant ids come from) is a
+//! [`Dialect`]. Every write commits with its audit event in one transaction; after a catalog
+//! write the caller reloads the in-memory snapshot.
 
 use std::marker::PhantomData;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Type};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 
 use crate::domain::{ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
 use crate::store::catalog::{
@@ -25,16 +30,11 @@ use crate::store::reports::{
 };
 use crate::store::writer::{GrantChange, GrantEffect, protocol};
 use crate::store::{
-    ActionPriceRow, GrantFilter, GrantListRow, Merge, Merged, PACKAGE_COLUMNS, PRICE_COLUMNS,
-    PackageRow, SUMMARY_GRANTS_MAX, USER_PACKAGE_COLUMNS, UserPackageRow, grant_columns_of,
-    grants_query, wallet_grants,
+    ActionPriceRow, AllocationRow as StoredAllocation, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead,
+    GrantFilter, GrantListRow, Merge, Merged, PACKAGE_COLUMNS, PRICE_COLUMNS, PackageRow,
+    SUMMARY_GRANTS_MAX, StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow, assemble,
+    grant_columns_of, grant_event_payload, grants_query, wallet_grants,
 };
-use crate::store::{
-    AllocationRow as StoredAllocation, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead,
-    StoredConsumption, assemble, grant_event_payload,
-};
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 
 /// What the shared statements do differently on each backend.
 #[derive(Clone, Copy, Debug)]

@@ -257,6 +257,25 @@ where
         Ok(Some(row))
     }
 
+    /// What each grant paid of one consumption, and what of it came back.
+    pub async fn allocations_of(
+        connection: &mut DB::Connection,
+        user_id: i64,
+        consumption_id: i64,
+    ) -> Result<Vec<StoredAllocation>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits,
+                    a.refunded_credits, a.forfeited_credits
+             FROM consumption_allocations a
+             WHERE a.user_id = $1 AND a.consumption_id = $2
+             ORDER BY a.user_package_id",
+        )
+        .bind(user_id)
+        .bind(consumption_id)
+        .fetch_all(connection)
+        .await
+    }
+
     /// A committed deduction by its id, with its allocations. Two reads without a transaction
     /// around them: only the user's own wallet, which is asking, changes them.
     pub async fn find_consumption(
@@ -274,17 +293,7 @@ where
         .fetch_optional(&mut *connection)
         .await?;
         let Some(head) = head else { return Ok(None) };
-        let allocations: Vec<StoredAllocation> = sqlx::query_as(
-            "SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits,
-                    a.refunded_credits, a.forfeited_credits
-             FROM consumption_allocations a
-             WHERE a.user_id = $1 AND a.consumption_id = $2
-             ORDER BY a.user_package_id",
-        )
-        .bind(user_id.get())
-        .bind(id.get())
-        .fetch_all(&mut *connection)
-        .await?;
+        let allocations = Self::allocations_of(&mut connection, user_id.get(), id.get()).await?;
         Ok(assemble(vec![head], allocations)?.into_iter().next())
     }
 

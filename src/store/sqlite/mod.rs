@@ -34,9 +34,9 @@ use super::reports::{
 };
 use super::writer::{self, WriterHandle, WriterLimits};
 use super::{
-    ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, Backend, CONSUMPTION_HEAD_COLUMNS,
-    ConsumptionHead, GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store,
-    StoredConsumption, UserPackageRow, assemble,
+    ACQUIRE_TIMEOUT, ActionPriceRow, Backend, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead,
+    GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store, StoredConsumption,
+    UserPackageRow, assemble,
 };
 use crate::domain::{ConsumptionId, Grant, NewGrant, UserId, UserPackageId};
 
@@ -432,26 +432,8 @@ impl Store for SqliteStore {
     }
 }
 
-async fn allocations_of(
-    conn: &mut SqliteConnection,
-    user_id: i64,
-    consumption_id: i64,
-) -> Result<Vec<AllocationRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits, a.refunded_credits,
-                a.forfeited_credits
-         FROM consumption_allocations a
-         WHERE a.user_id = $1 AND a.consumption_id = $2
-         ORDER BY a.user_package_id",
-    )
-    .bind(user_id)
-    .bind(consumption_id)
-    .fetch_all(conn)
-    .await
-}
-
-/// The committed deductions of these (user, idempotency key) pairs, one lookup per pair
-/// (statements in process cost no round trip).
+/// The committed deductions of these (user, idempotency key) pairs, one look-up per pair: they
+/// are the rare replays a batch met, and the wallet's look-up of a single key.
 pub(super) async fn find_consumptions_by_keys(
     conn: &mut SqliteConnection,
     user_ids: &[i64],
@@ -468,7 +450,7 @@ pub(super) async fn find_consumptions_by_keys(
         .fetch_optional(&mut *conn)
         .await?;
         let Some(head) = head else { continue };
-        let allocations = allocations_of(&mut *conn, head.user_id, head.id).await?;
+        let allocations = Portable::<Sqlite>::allocations_of(conn, head.user_id, head.id).await?;
         if let Some(stored) = assemble(vec![head], allocations)?.into_iter().next() {
             found.push((key.to_owned(), stored));
         }

@@ -995,18 +995,9 @@ pub async fn consumption(
         console.call(&session, Method::GET, &day_uri, None),
         console.call(&session, Method::GET, &action_uri, None),
     );
-    let list = match list {
+    let list = match Failure::list_or_page(list, "Consumption", &session, filter_form) {
         Ok(list) => list,
-        Err(failure) if failure.field.is_some() => {
-            return page_response(
-                Some(&failure),
-                "Consumption",
-                &session,
-                None,
-                filter_form(Some(&failure)),
-            );
-        }
-        Err(failure) => return failure.page(&session),
+        Err(page) => return *page,
     };
     let export_query = views::query_string(&shown);
     let status_note = !value("status").is_empty();
@@ -1137,18 +1128,9 @@ pub async fn events(
         }
         Err(failure) => Err(failure),
     };
-    let answer = match listed {
+    let answer = match Failure::list_or_page(listed, "Audit events", &session, filter_form) {
         Ok(answer) => answer,
-        Err(failure) if failure.field.is_some() => {
-            return page_response(
-                Some(&failure),
-                "Audit events",
-                &session,
-                None,
-                filter_form(Some(&failure)),
-            );
-        }
-        Err(failure) => return failure.page(&session),
+        Err(page) => return *page,
     };
     let content = html! {
         (filter_form(None))

@@ -112,18 +112,9 @@ pub async fn consumption(
         }
         Err(failure) => Err(failure),
     };
-    let answer = match listed {
+    let answer = match Failure::list_or_page(listed, "My consumption", &session, filter_form) {
         Ok(answer) => answer,
-        Err(failure) if failure.field.is_some() => {
-            let body = views::page(
-                "My consumption",
-                Some(&session),
-                None,
-                filter_form(Some(&failure)),
-            );
-            return (failure.status, body).into_response();
-        }
-        Err(failure) => return failure.page(&session),
+        Err(page) => return *page,
     };
     let content = html! {
         (filter_form(None))

@@ -327,6 +327,25 @@ impl Failure {
     }
 
     /// A whole page for a failure that no form can show (a read that failed).
+    /// A list page's answer, or the page to show instead: a filter the API refused is shown
+    /// in `form`, next to the field it names, with the API's status; any other failure is an
+    /// error page.
+    fn list_or_page(
+        listed: Result<Value, Failure>,
+        title: &str,
+        session: &Session,
+        form: impl Fn(Option<&Failure>) -> maud::Markup,
+    ) -> Result<Value, Box<Response>> {
+        match listed {
+            Ok(answer) => Ok(answer),
+            Err(failure) if failure.field.is_some() => {
+                let body = views::page(title, Some(session), None, form(Some(&failure)));
+                Err(Box::new((failure.status, body).into_response()))
+            }
+            Err(failure) => Err(Box::new(failure.page(session))),
+        }
+    }
+
     fn page(&self, session: &Session) -> Response {
         if self.status == StatusCode::UNAUTHORIZED {
             let login = if session.is_admin() {

@@ -63,17 +63,19 @@ impl App {
     pub async fn build(settings: Settings) -> Result<App, StartupError> {
         let url = settings.database_url();
         let owner = match store::Backend::of_url(&url) {
-            Some(store::Backend::Sqlite) => Some(store::sqlite::FileOwner::take(&url)?),
-            _ => None,
+            Some(store::Backend::Sqlite) => {
+                // Only a file path: nothing secret in it.
+                tracing::info!(database = %url, "using the embedded SQLite store");
+                Some(store::sqlite::FileOwner::take(&url)?)
+            }
+            Some(store::Backend::Postgres) => {
+                tracing::info!("using the PostgreSQL store");
+                None
+            }
+            // `connect` says what is wrong with the URL.
+            None => None,
         };
         let db = store::connect(&url, settings.db_pool_max).await?;
-        match db.backend() {
-            // Only a file path: nothing secret in it.
-            store::Backend::Sqlite => {
-                tracing::info!(database = %url, "using the embedded SQLite store")
-            }
-            store::Backend::Postgres => tracing::info!("using the PostgreSQL store"),
-        }
         let mut app = App::build_with(db, settings, Arc::new(SystemClock)).await?;
         app.owner = owner;
         Ok(app)

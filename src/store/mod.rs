@@ -57,13 +57,6 @@ impl Backend {
             None
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Postgres => "postgres",
-            Backend::Sqlite => "sqlite",
-        }
-    }
 }
 
 /// Connects to the database `database_url` names (`postgres://...` or `sqlite://...`; a
@@ -111,8 +104,6 @@ pub type Merge<'a, R, F> = Box<dyn FnOnce(&R) -> Option<F> + Send + 'a>;
 /// both backends.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    fn backend(&self) -> Backend;
-
     /// Starts the batch writer's lanes over this store (see `writer::spawn_lanes`).
     fn spawn_writer(
         &self,

@@ -15,9 +15,9 @@ use credits_engine::app::App;
 use credits_engine::clock::ManualClock;
 use credits_engine::config::{Secret, Settings};
 use credits_engine::http::auth::mint_token;
+use credits_engine::store::Db;
 use credits_engine::store::postgres::PgStore;
 use credits_engine::store::sqlite::SqliteStore;
-use credits_engine::store::{Backend, Db};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sqlx::{AnyPool, PgPool};
@@ -116,10 +116,6 @@ impl TestDb {
             pg: None,
             file: Some(file),
         }
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.store.backend()
     }
 }
 

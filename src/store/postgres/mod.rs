@@ -24,9 +24,9 @@ use super::reports::{
 };
 use super::writer::{self, WriterHandle, WriterLimits};
 use super::{
-    ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, Backend, CONSUMPTION_HEAD_COLUMNS,
-    ConsumptionHead, Db, GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store,
-    StoredConsumption, UserPackageRow, assemble,
+    ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead, Db,
+    GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store, StoredConsumption,
+    UserPackageRow, assemble,
 };
 use crate::domain::{ConsumptionId, Grant, NewGrant, UserId, UserPackageId};
 
@@ -52,18 +52,10 @@ impl PgStore {
     pub fn db(pool: PgPool) -> Db {
         std::sync::Arc::new(PgStore::new(pool))
     }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
 }
 
 #[async_trait]
 impl Store for PgStore {
-    fn backend(&self) -> Backend {
-        Backend::Postgres
-    }
-
     fn spawn_writer(
         &self,
         limits: WriterLimits,

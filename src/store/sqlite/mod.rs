@@ -34,9 +34,9 @@ use super::reports::{
 };
 use super::writer::{self, WriterHandle, WriterLimits};
 use super::{
-    ACQUIRE_TIMEOUT, ActionPriceRow, Backend, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead,
-    GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store, StoredConsumption,
-    UserPackageRow, assemble,
+    ACQUIRE_TIMEOUT, ActionPriceRow, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead, GrantFilter,
+    GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store, StoredConsumption, UserPackageRow,
+    assemble,
 };
 use crate::domain::{ConsumptionId, Grant, NewGrant, UserId, UserPackageId};
 
@@ -74,10 +74,6 @@ impl SqliteStore {
             .await?;
         MIGRATOR.run(&pool).await?;
         Ok(SqliteStore { pool })
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
     }
 }
 
@@ -170,10 +166,6 @@ fn create_directory(directory: &Path) -> Result<(), sqlx::Error> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    fn backend(&self) -> Backend {
-        Backend::Sqlite
-    }
-
     /// One lane, whatever `limits.lanes` says: SQLite has one writer at a time, and more lanes
     /// would only queue for its lock.
     fn spawn_writer(

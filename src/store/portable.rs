@@ -33,7 +33,7 @@ use crate::store::{
     ActionPriceRow, AllocationRow as StoredAllocation, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead,
     GrantFilter, GrantListRow, Merge, Merged, PACKAGE_COLUMNS, PRICE_COLUMNS, PackageRow,
     SUMMARY_GRANTS_MAX, StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow, assemble,
-    grant_columns_of, grant_event_payload, grants_query, wallet_grants,
+    grant_columns_of,
 };
 
 /// What the shared statements do differently on each backend.
@@ -235,7 +235,17 @@ where
         let Some(row) = inserted else {
             return Ok(None);
         };
-        let payload = grant_event_payload(&row);
+        // What the assign (and activate) events record of the grant.
+        let payload = json!({
+            "user_package_id": row.id,
+            "package_id": row.package_id,
+            "source": row.source,
+            "status": row.status,
+            "total_credits": row.total_credits,
+            "unlimited": row.unlimited,
+            "expires_at": row.expires_at,
+            "external_ref": row.external_ref,
+        });
         Self::insert_event(
             &mut *tx,
             "billing_package_assign",
@@ -417,7 +427,14 @@ where
         .bind(user_id.get())
         .fetch_all(pool)
         .await?;
-        wallet_grants(&rows)
+        // An error names a row the database's CHECKs would not allow.
+        rows.iter()
+            .map(|row| {
+                row.to_grant().ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("user_packages row {} is malformed", row.id))
+                })
+            })
+            .collect()
     }
 
     pub async fn find_user_package(
@@ -432,13 +449,31 @@ where
         .await
     }
 
+    /// A page of grants with package names, newest first, after the id `before` (exclusive).
     pub async fn list_grants(
         pool: &Pool<DB>,
         filter: &GrantFilter,
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<GrantListRow>, sqlx::Error> {
-        let mut query: QueryBuilder<DB> = grants_query(filter, before, limit);
+        let columns = grant_columns_of("g");
+        let mut query = QueryBuilder::<DB>::new(format!(
+            "SELECT {columns}, p.name AS package_name
+             FROM user_packages g JOIN packages p ON p.id = g.package_id WHERE true"
+        ));
+        if let Some(user_id) = filter.user_id {
+            query.push(" AND g.user_id = ").push_bind(user_id.get());
+        }
+        if let Some(package_id) = filter.package_id {
+            query.push(" AND g.package_id = ").push_bind(package_id);
+        }
+        if let Some(status) = &filter.status {
+            query.push(" AND g.status = ").push_bind(status.clone());
+        }
+        if let Some(before) = before {
+            query.push(" AND g.id < ").push_bind(before);
+        }
+        query.push(" ORDER BY g.id DESC LIMIT ").push_bind(limit);
         query.build_query_as().fetch_all(pool).await
     }
 

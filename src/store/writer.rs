@@ -237,7 +237,7 @@ impl<D: BatchDialect> Lane<D> {
     async fn run(mut self) {
         // Made here, so the connection's socket is driven by this thread's runtime.
         let mut connection = LaneConnection::<D> {
-            options: (*self.engine_pool.connect_options()).clone(),
+            options: D::lane_options((*self.engine_pool.connect_options()).clone()),
             connect_timeout: self.engine_pool.options().get_acquire_timeout(),
             open: None,
         };
@@ -592,6 +592,13 @@ pub(crate) trait BatchDialect: Send + 'static {
     /// Whether the lane goes on with its connection after a batch the database refused (any
     /// other failure always makes a new connection).
     const KEEPS_CONNECTION_AFTER_DATABASE_ERROR: bool;
+
+    /// The options of a lane's connection, from those of the engine's pool.
+    fn lane_options(
+        pool: <Conn<Self> as Connection>::Options,
+    ) -> <Conn<Self> as Connection>::Options {
+        pool
+    }
 
     /// The next block of consumption ids (each block holds [`CONSUMPTION_ID_BLOCK`] ids).
     async fn next_id_block(connection: &mut Conn<Self>) -> Result<i64, sqlx::Error>;

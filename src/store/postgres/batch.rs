@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, Postgres};
 
 use crate::store::portable::{POSTGRES, Portable};
@@ -22,6 +23,21 @@ impl BatchDialect for PgBatch {
     /// The server refused a statement and the transaction was rolled back: the connection is
     /// sound.
     const KEEPS_CONNECTION_AFTER_DATABASE_ERROR: bool = true;
+
+    /// A lane runs only statements that find their rows by key, a batch's worth at a time,
+    /// so it keeps PostgreSQL's cached (generic) plans, which spare it planning every statement
+    /// of every batch, but never lets one scan a whole table or hash it: a plan cached while a
+    /// new database's tables were nearly empty would otherwise do so for as long as the lane
+    /// lives (measured on a new database: 1,764 deducts/s with the refunds' `UPDATE` scanning
+    /// `consumption_records`, 6,749/s with every statement planned anew, 8,050/s with this).
+    fn lane_options(pool: PgConnectOptions) -> PgConnectOptions {
+        pool.options([
+            ("plan_cache_mode", "auto"),
+            ("enable_seqscan", "off"),
+            ("enable_hashjoin", "off"),
+            ("enable_mergejoin", "off"),
+        ])
+    }
 
     async fn next_id_block(connection: &mut PgConnection) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT nextval('consumption_id_blocks')")

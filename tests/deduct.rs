@@ -296,6 +296,50 @@ async fn a_failed_batch_acknowledges_nothing_and_the_wallet_reloads(db: TestDb) 
 }
 
 backend_tests! {
+async fn a_batch_naming_a_missing_grant_writes_nothing(db: TestDb) {
+    let package = create_package(&db, "credits", Some(10), None).await;
+    let engine = engine_on(&db).await;
+    engine.grant(5, package, json!({})).await;
+    let (status, _) = engine
+        .deduct(json!({"user_id": 5, "action_key": "ai_chat", "idempotency_key": "first"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let events_before = count(&db, "SELECT count(*) FROM billing_events").await;
+
+    // The grant disappears behind the wallet's back: the batch's balance update finds no row,
+    // and the batch's consumption, allocation and event must not be written without it.
+    sqlx::query("DELETE FROM user_packages WHERE user_id = 5")
+        .execute(&db.sql)
+        .await
+        .unwrap();
+    let (status, body) = engine
+        .deduct(json!({"user_id": 5, "action_key": "ai_chat", "idempotency_key": "second"}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM consumption_records").await,
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM consumption_allocations").await,
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM billing_events").await,
+        events_before
+    );
+
+    // The wallet reloaded what the database holds: nothing to pay with.
+    let (status, body) = engine
+        .deduct(json!({"user_id": 5, "action_key": "ai_chat", "idempotency_key": "second"}))
+        .await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    engine.stop().await;
+}
+}
+
+backend_tests! {
 async fn check_reports_without_deducting_and_unlimited_grants_pay_anything(db: TestDb) {
     let permanent = create_package(&db, "permanent", None, None).await;
     let credits = create_package(&db, "credits", Some(2), None).await;

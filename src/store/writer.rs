@@ -324,8 +324,6 @@ enum Applied {
     Inserted(ConsumptionId),
     Duplicate(StoredConsumption),
     Refunded,
-    /// A grant change, written after the balance deltas and then replaced by `GrantChanged`.
-    GrantPending,
     GrantChanged(Box<UserPackageRow>),
 }
 
@@ -581,10 +579,10 @@ impl IdBlock {
 /// A connection of backend `D`'s database.
 pub(crate) type Conn<D> = <<D as BatchDialect>::Db as sqlx::Database>::Connection;
 
-/// The statements of a batch, in one backend's SQL. [`commit`] runs them in this order inside
-/// one transaction; any error rolls the whole batch back. Implemented by
-/// `store::postgres::batch` (array `UNNEST` statements) and `store::sqlite::batch` (multi-row
-/// `VALUES` statements): either way one statement per kind of row a batch writes.
+/// The statements of a batch, in one backend's SQL. [`commit`] runs them in one transaction
+/// (or, for one statement, as one); any error rolls the whole batch back. Implemented by
+/// `store::postgres::batch` (one statement of array `UNNEST`s) and `store::sqlite::batch`
+/// (one multi-row `VALUES` statement per kind of row).
 pub(crate) trait BatchDialect: Send + 'static {
     type Db: sqlx::Database;
     /// Opens the batch's transaction.
@@ -592,6 +590,10 @@ pub(crate) trait BatchDialect: Send + 'static {
     /// Whether the lane goes on with its connection after a batch the database refused (any
     /// other failure always makes a new connection).
     const KEEPS_CONNECTION_AFTER_DATABASE_ERROR: bool;
+    /// Whether [`BatchDialect::write_rows`] is one statement. It then needs no transaction of
+    /// its own: a batch without grant changes commits in one round trip, and a refused
+    /// statement has written nothing.
+    const ROWS_IN_ONE_STATEMENT: bool;
 
     /// The options of a lane's connection, from those of the engine's pool.
     fn lane_options(
@@ -603,39 +605,23 @@ pub(crate) trait BatchDialect: Send + 'static {
     /// The next block of consumption ids (each block holds [`CONSUMPTION_ID_BLOCK`] ids).
     async fn next_id_block(connection: &mut Conn<Self>) -> Result<i64, sqlx::Error>;
 
-    /// Inserts the deductions; a row whose (user, idempotency key) already exists is skipped.
-    /// Answers the ids that were inserted.
-    async fn insert_consumptions(
-        tx: &mut Conn<Self>,
-        rows: &DeductColumns,
+    /// Writes the batch's deductions whose (user, idempotency key) is new, with their
+    /// allocations, grant use and events, and its refunds with theirs; answers the ids of the
+    /// consumptions inserted (a deduction left out is a replay). A refund of a consumption that
+    /// is no longer `completed`, or a row to update that is missing, fails it: the wallet
+    /// computed the effect on memory the database does not share, so it must reload.
+    async fn write_rows(
+        connection: &mut Conn<Self>,
+        rows: &BatchRows,
+        refunds: &[&RefundEffect],
     ) -> Result<HashSet<i64>, sqlx::Error>;
 
     /// The committed deductions of these (user, idempotency key) pairs.
     async fn find_consumptions_by_keys(
-        tx: &mut Conn<Self>,
+        connection: &mut Conn<Self>,
         user_ids: &[i64],
         keys: &[&str],
     ) -> Result<Vec<(String, StoredConsumption)>, sqlx::Error>;
-
-    async fn insert_allocations(
-        tx: &mut Conn<Self>,
-        rows: &AllocationColumns,
-    ) -> Result<(), sqlx::Error>;
-
-    /// Marks the consumptions refunded and records, per allocation, what came back and what
-    /// was forfeited. A consumption that is no longer `completed` fails the batch: its wallet
-    /// computed the refund on memory the database does not share, so the wallet must reload.
-    async fn write_refunds(
-        tx: &mut Conn<Self>,
-        refunds: &[&RefundEffect],
-    ) -> Result<(), sqlx::Error>;
-
-    /// Adds each delta to its grant's `used_credits` (taking it from `remaining_credits` for a
-    /// limited grant, whose status follows); answers the rows updated.
-    async fn apply_grant_deltas(
-        tx: &mut Conn<Self>,
-        deltas: &GrantDeltas,
-    ) -> Result<u64, sqlx::Error>;
 
     /// Applies one grant change and returns the grant's row as it now stands, with the credits
     /// it voided. The status guard makes a change the database does not expect fail the batch:
@@ -683,8 +669,8 @@ pub(crate) struct GrantDeltas {
     pub used: Vec<i64>,
 }
 
-/// Commits the batch in one transaction and says, per effect, what was applied. Any error rolls
-/// the whole batch back.
+/// Commits the batch atomically and says, per effect, what was applied. Any error before the
+/// commit rolls the whole batch back.
 async fn commit<D: BatchDialect>(
     connection: &mut Conn<D>,
     ids: &mut IdBlock,
@@ -705,16 +691,181 @@ async fn commit<D: BatchDialect>(
         })
         .collect();
     let consumption_ids = ids.take::<D>(connection, deducts.len()).await?;
+    let rows = BatchRows::of(batch, &consumption_ids)?;
+    let grant_changes = batch
+        .iter()
+        .any(|envelope| matches!(envelope.effect, Effect::Grant(_)));
+
+    if D::ROWS_IN_ONE_STATEMENT && !grant_changes {
+        // One statement commits by itself: one round trip for the batch.
+        let inserted = D::write_rows(connection, &rows, &refunds)
+            .await
+            .map_err(CommitError::of_statement)?;
+        // Committed: what the replays replay is read afterwards.
+        let duplicates = find_duplicates::<D>(connection, &deducts, &consumption_ids, &inserted)
+            .await
+            .map_err(CommitError::Unknown)?;
+        let written = Written {
+            inserted,
+            duplicates,
+            grant_rows: Vec::new(),
+        };
+        return written.applied(batch, &deducts, &consumption_ids);
+    }
 
     let mut tx = connection.begin_with(D::BEGIN).await?;
-    let mut grant_deltas: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    let inserted = D::write_rows(&mut tx, &rows, &refunds).await?;
+    let duplicates = find_duplicates::<D>(&mut tx, &deducts, &consumption_ids, &inserted).await?;
+    // Grant changes come after the balance deltas, so each answers with its row as it stands.
     let mut events = Events::default();
+    let mut grant_rows = Vec::new();
+    for envelope in batch {
+        if let Effect::Grant(effect) = &envelope.effect {
+            let (row, voided) = D::write_grant_change(&mut tx, effect).await?;
+            events.push(
+                effect.change.event_kind(),
+                effect.user_id,
+                effect.change.event_payload(&row, voided),
+                effect.at,
+                None,
+            );
+            grant_rows.push(row);
+        }
+    }
+    if !events.kinds.is_empty() {
+        D::insert_events(&mut tx, &events).await?;
+    }
+    tx.commit().await.map_err(CommitError::Unknown)?;
+    let written = Written {
+        inserted,
+        duplicates,
+        grant_rows,
+    };
+    written.applied(batch, &deducts, &consumption_ids)
+}
 
-    // Deductions: insert optimistically; a key that already exists turns into a replay.
-    let mut columns = DeductColumns::default();
-    for (effect, &id) in deducts.iter().zip(&consumption_ids) {
+/// The committed deductions that the batch's deductions which were not inserted replay.
+async fn find_duplicates<D: BatchDialect>(
+    connection: &mut Conn<D>,
+    deducts: &[&DeductEffect],
+    consumption_ids: &[i64],
+    inserted: &HashSet<i64>,
+) -> Result<HashMap<(UserId, String), StoredConsumption>, sqlx::Error> {
+    let conflicted: Vec<&DeductEffect> = deducts
+        .iter()
+        .zip(consumption_ids)
+        .filter(|(_, id)| !inserted.contains(id))
+        .map(|(effect, _)| *effect)
+        .collect();
+    let mut duplicates = HashMap::new();
+    if conflicted.is_empty() {
+        return Ok(duplicates);
+    }
+    let user_ids: Vec<i64> = conflicted.iter().map(|e| e.user_id.get()).collect();
+    let keys: Vec<&str> = conflicted
+        .iter()
+        .map(|e| e.request.idempotency_key.as_deref().unwrap_or_default())
+        .collect();
+    for (key, stored) in D::find_consumptions_by_keys(connection, &user_ids, &keys).await? {
+        duplicates.insert((stored.user_id, key), stored);
+    }
+    Ok(duplicates)
+}
+
+/// What a committed batch wrote.
+struct Written {
+    /// The consumptions inserted; a deduction whose id is missing was a replay.
+    inserted: HashSet<i64>,
+    /// The stored deductions the others replay, by (user, idempotency key).
+    duplicates: HashMap<(UserId, String), StoredConsumption>,
+    /// The rows of the batch's grant changes as they now stand, in batch order.
+    grant_rows: Vec<UserPackageRow>,
+}
+
+impl Written {
+    /// What was applied, per effect of the batch.
+    fn applied(
+        mut self,
+        batch: &[Envelope],
+        deducts: &[&DeductEffect],
+        consumption_ids: &[i64],
+    ) -> Result<Vec<Applied>, CommitError> {
+        let mut deduct_ids = deducts.iter().zip(consumption_ids);
+        let mut grant_rows = self.grant_rows.into_iter();
+        let mut applied = Vec::with_capacity(batch.len());
+        for envelope in batch {
+            applied.push(match &envelope.effect {
+                Effect::Deduct(_) => {
+                    let Some((effect, &id)) = deduct_ids.next() else {
+                        return Err(protocol("deduct effects out of step").into());
+                    };
+                    if self.inserted.contains(&id) {
+                        Applied::Inserted(ConsumptionId(id))
+                    } else {
+                        let key = effect.request.idempotency_key.clone().unwrap_or_default();
+                        let stored = self
+                            .duplicates
+                            .remove(&(effect.user_id, key))
+                            .ok_or_else(|| protocol("a conflicting consumption vanished"))?;
+                        Applied::Duplicate(stored)
+                    }
+                }
+                Effect::Refund(_) => Applied::Refunded,
+                Effect::Grant(_) => {
+                    let row = grant_rows
+                        .next()
+                        .ok_or_else(|| protocol("grant changes out of step"))?;
+                    Applied::GrantChanged(Box::new(row))
+                }
+            });
+        }
+        Ok(applied)
+    }
+}
+
+/// What a batch writes, worked out before it is known which of its deductions are new: a
+/// deduction's allocations, grant use and event are written only if its consumption was
+/// inserted (an idempotency key already in the table makes it a replay instead).
+pub(crate) struct BatchRows {
+    pub deducts: DeductColumns,
+    /// The allocations of every deduction in the batch.
+    pub allocations: AllocationColumns,
+    /// What the refunds give back, per refund and grant (as negative use).
+    pub restores: GrantDeltas,
+    /// The deductions' and refunds' events, in batch order; a deduction's names its
+    /// consumption in `Events::needs`.
+    pub events: Events,
+}
+
+impl BatchRows {
+    fn of(batch: &[Envelope], consumption_ids: &[i64]) -> Result<BatchRows, sqlx::Error> {
+        let mut rows = BatchRows {
+            deducts: DeductColumns::default(),
+            allocations: AllocationColumns::default(),
+            restores: GrantDeltas::default(),
+            events: Events::default(),
+        };
+        let mut ids = consumption_ids.iter();
+        for envelope in batch {
+            match &envelope.effect {
+                Effect::Deduct(effect) => {
+                    let &id = ids
+                        .next()
+                        .ok_or_else(|| protocol("deduct effects out of step"))?;
+                    rows.push_deduct(effect, id);
+                }
+                Effect::Refund(effect) => rows.push_refund(effect),
+                Effect::Grant(_) => {}
+            }
+        }
+        Ok(rows)
+    }
+
+    fn push_deduct(&mut self, effect: &DeductEffect, id: i64) {
         let request = &effect.request;
-        columns.user_ids.push(effect.user_id.get());
+        let user_id = effect.user_id.get();
+        let columns = &mut self.deducts;
+        columns.user_ids.push(user_id);
         columns.ids.push(id);
         columns.action_keys.push(request.action_key.clone());
         columns.quantities.push(request.quantity);
@@ -728,142 +879,96 @@ async fn commit<D: BatchDialect>(
         columns.remaining_after.push(effect.remaining_after.get());
         columns.metadata.push(request.metadata.clone());
         columns.created_at.push(effect.created_at);
-    }
-    let inserted: HashSet<i64> = if deducts.is_empty() {
-        HashSet::new()
-    } else {
-        D::insert_consumptions(&mut tx, &columns).await?
-    };
-
-    let mut duplicates = HashMap::new();
-    let conflicted: Vec<&DeductEffect> = deducts
-        .iter()
-        .zip(&consumption_ids)
-        .filter(|(_, id)| !inserted.contains(id))
-        .map(|(effect, _)| *effect)
-        .collect();
-    if !conflicted.is_empty() {
-        let user_ids: Vec<i64> = conflicted.iter().map(|e| e.user_id.get()).collect();
-        let keys: Vec<&str> = conflicted
-            .iter()
-            .map(|e| e.request.idempotency_key.as_deref().unwrap_or_default())
-            .collect();
-        for (key, stored) in D::find_consumptions_by_keys(&mut tx, &user_ids, &keys).await? {
-            duplicates.insert((stored.user_id, key), stored);
+        for allocation in &effect.allocations {
+            self.allocations.user_ids.push(user_id);
+            self.allocations.consumption_ids.push(id);
+            self.allocations
+                .user_package_ids
+                .push(allocation.user_package_id.get());
+            self.allocations.credits.push(allocation.credits.get());
         }
+        self.events.push(
+            "billing_credits_deduct",
+            effect.user_id,
+            json!({
+                "consumption_id": id,
+                "action_key": request.action_key,
+                "quantity": request.quantity,
+                "credits_cost": request.credits_cost,
+                "price_version": request.price_version,
+                "idempotency_key": request.idempotency_key,
+                "allocations": effect.allocations,
+            }),
+            effect.created_at,
+            Some(id),
+        );
     }
 
-    let mut allocation_rows = AllocationColumns::default();
-    let mut applied = Vec::with_capacity(batch.len());
-    let mut deduct_answers = deducts.iter().zip(&consumption_ids);
-    let mut refund_index = 0;
-    for envelope in batch {
-        match &envelope.effect {
-            Effect::Deduct(_) => {
-                let Some((effect, &id)) = deduct_answers.next() else {
-                    return Err(protocol("deduct effects out of step").into());
-                };
-                if inserted.contains(&id) {
-                    for allocation in &effect.allocations {
-                        allocation_rows.user_ids.push(effect.user_id.get());
-                        allocation_rows.consumption_ids.push(id);
-                        allocation_rows
-                            .user_package_ids
-                            .push(allocation.user_package_id.get());
-                        allocation_rows.credits.push(allocation.credits.get());
-                        *grant_deltas
-                            .entry((effect.user_id.get(), allocation.user_package_id.get()))
-                            .or_default() += allocation.credits.get();
-                    }
-                    events.push(
-                        "billing_credits_deduct",
-                        effect.user_id,
-                        json!({
-                            "consumption_id": id,
-                            "action_key": effect.request.action_key,
-                            "quantity": effect.request.quantity,
-                            "credits_cost": effect.request.credits_cost,
-                            "price_version": effect.request.price_version,
-                            "idempotency_key": effect.request.idempotency_key,
-                            "allocations": effect.allocations,
-                        }),
-                        effect.created_at,
-                    );
-                    applied.push(Applied::Inserted(ConsumptionId(id)));
-                } else {
-                    let key = effect.request.idempotency_key.clone().unwrap_or_default();
-                    let stored = duplicates
-                        .remove(&(effect.user_id, key))
-                        .ok_or_else(|| protocol("a conflicting consumption vanished"))?;
-                    applied.push(Applied::Duplicate(stored));
-                }
-            }
-            Effect::Refund(_) => {
-                let effect = refunds[refund_index];
-                refund_index += 1;
-                for allocation in &effect.plan.restore {
-                    *grant_deltas
-                        .entry((effect.user_id.get(), allocation.user_package_id.get()))
-                        .or_default() -= allocation.credits.get();
-                }
-                events.push(
-                    "billing_consumption_refund",
-                    effect.user_id,
-                    json!({
-                        "consumption_id": effect.consumption_id,
-                        "refunded_credits": effect.plan.refunded_credits(),
-                        "forfeited_credits": effect.plan.forfeited_credits(),
-                        "restored": effect.plan.restore,
-                        "forfeited": effect.plan.forfeit,
-                        "reason": effect.reason,
-                    }),
-                    effect.refunded_at,
-                );
-                applied.push(Applied::Refunded);
-            }
-            // Written after the balance deltas, below; answered with the final row.
-            Effect::Grant(_) => applied.push(Applied::GrantPending),
+    fn push_refund(&mut self, effect: &RefundEffect) {
+        for allocation in &effect.plan.restore {
+            self.restores.user_ids.push(effect.user_id.get());
+            self.restores
+                .grant_ids
+                .push(allocation.user_package_id.get());
+            self.restores.used.push(-allocation.credits.get());
         }
+        self.events.push(
+            "billing_consumption_refund",
+            effect.user_id,
+            json!({
+                "consumption_id": effect.consumption_id,
+                "refunded_credits": effect.plan.refunded_credits(),
+                "forfeited_credits": effect.plan.forfeited_credits(),
+                "restored": effect.plan.restore,
+                "forfeited": effect.plan.forfeit,
+                "reason": effect.reason,
+            }),
+            effect.refunded_at,
+            None,
+        );
     }
 
-    if !allocation_rows.user_ids.is_empty() {
-        D::insert_allocations(&mut tx, &allocation_rows).await?;
-    }
-
-    if !refunds.is_empty() {
-        D::write_refunds(&mut tx, &refunds).await?;
-    }
-
-    grant_deltas.retain(|_, delta| *delta != 0);
-    if !grant_deltas.is_empty() {
+    /// Net use per grant of the inserted deductions and the refunds; no delta is zero.
+    pub(crate) fn grant_deltas(&self, inserted: &HashSet<i64>) -> GrantDeltas {
+        let mut net: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+        let allocations = &self.allocations;
+        for row in 0..allocations.user_ids.len() {
+            if inserted.contains(&allocations.consumption_ids[row]) {
+                *net.entry((allocations.user_ids[row], allocations.user_package_ids[row]))
+                    .or_default() += allocations.credits[row];
+            }
+        }
+        let restores = &self.restores;
+        for row in 0..restores.user_ids.len() {
+            *net.entry((restores.user_ids[row], restores.grant_ids[row]))
+                .or_default() += restores.used[row];
+        }
         let mut deltas = GrantDeltas::default();
-        for ((user_id, grant_id), used) in grant_deltas {
-            deltas.user_ids.push(user_id);
-            deltas.grant_ids.push(grant_id);
-            deltas.used.push(used);
+        for ((user_id, grant_id), used) in net {
+            if used != 0 {
+                deltas.user_ids.push(user_id);
+                deltas.grant_ids.push(grant_id);
+                deltas.used.push(used);
+            }
         }
-        let updated = D::apply_grant_deltas(&mut tx, &deltas).await?;
-        if updated != deltas.user_ids.len() as u64 {
-            return Err(protocol("a grant named by an allocation does not exist").into());
-        }
+        deltas
     }
+}
 
-    for (envelope, applied) in batch.iter().zip(applied.iter_mut()) {
-        if let Effect::Grant(effect) = &envelope.effect {
-            let (row, voided) = D::write_grant_change(&mut tx, effect).await?;
-            events.push(
-                effect.change.event_kind(),
-                effect.user_id,
-                effect.change.event_payload(&row, voided),
-                effect.at,
-            );
-            *applied = Applied::GrantChanged(Box::new(row));
+impl AllocationColumns {
+    /// The rows of the consumptions that were inserted.
+    pub(crate) fn inserted(&self, inserted: &HashSet<i64>) -> AllocationColumns {
+        let mut kept = AllocationColumns::default();
+        for row in 0..self.user_ids.len() {
+            if inserted.contains(&self.consumption_ids[row]) {
+                kept.user_ids.push(self.user_ids[row]);
+                kept.consumption_ids.push(self.consumption_ids[row]);
+                kept.user_package_ids.push(self.user_package_ids[row]);
+                kept.credits.push(self.credits[row]);
+            }
         }
+        kept
     }
-
-    D::insert_events(&mut tx, &events).await?;
-    tx.commit().await.map_err(CommitError::Unknown)?;
-    Ok(applied)
 }
 
 /// Why a batch did not (or may not have) committed.
@@ -879,6 +984,15 @@ enum CommitError {
 }
 
 impl CommitError {
+    /// An error of a statement that commits by itself: refused by the server, it wrote nothing;
+    /// otherwise (the connection failed, say) it may have committed.
+    fn of_statement(error: sqlx::Error) -> CommitError {
+        match error {
+            sqlx::Error::Database(_) => CommitError::RolledBack(error),
+            _ => CommitError::Unknown(error),
+        }
+    }
+
     fn caller_message(&self, effect: &Effect) -> &'static str {
         match (self, effect) {
             (CommitError::RolledBack(_), _) => "the write did not commit; nothing was changed",
@@ -935,6 +1049,9 @@ pub(crate) struct Events {
     pub user_ids: Vec<i64>,
     pub payloads: Vec<serde_json::Value>,
     pub times: Vec<DateTime<Utc>>,
+    /// The consumption whose insertion an event records: the event is written only if it was
+    /// inserted.
+    pub needs: Vec<Option<i64>>,
 }
 
 impl Events {
@@ -944,11 +1061,28 @@ impl Events {
         user_id: UserId,
         payload: serde_json::Value,
         at: DateTime<Utc>,
+        needs: Option<i64>,
     ) {
         self.kinds.push(kind);
         self.user_ids.push(user_id.get());
         self.payloads.push(payload);
         self.times.push(at);
+        self.needs.push(needs);
+    }
+
+    /// The events whose consumption, if they name one, was inserted.
+    pub(crate) fn inserted(&self, inserted: &HashSet<i64>) -> Events {
+        let mut kept = Events::default();
+        for row in 0..self.kinds.len() {
+            if self.needs[row].is_none_or(|id| inserted.contains(&id)) {
+                kept.kinds.push(self.kinds[row]);
+                kept.user_ids.push(self.user_ids[row]);
+                kept.payloads.push(self.payloads[row].clone());
+                kept.times.push(self.times[row]);
+                kept.needs.push(self.needs[row]);
+            }
+        }
+        kept
     }
 }
 

@@ -10,8 +10,8 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use super::find_consumptions_by_keys;
 use crate::store::portable::{Portable, SQLITE};
 use crate::store::writer::{
-    AllocationColumns, BatchDialect, DeductColumns, Events, GrantDeltas, GrantEffect, RefundEffect,
-    protocol,
+    AllocationColumns, BatchDialect, BatchRows, DeductColumns, Events, GrantDeltas, GrantEffect,
+    RefundEffect, protocol,
 };
 use crate::store::{StoredConsumption, UserPackageRow};
 
@@ -34,6 +34,7 @@ impl BatchDialect for SqliteBatch {
     /// SQLite rolls a transaction back by itself after an I/O, disk-full or out-of-memory error,
     /// which leaves the connection's own count of open transactions wrong: start afresh.
     const KEEPS_CONNECTION_AFTER_DATABASE_ERROR: bool = false;
+    const ROWS_IN_ONE_STATEMENT: bool = false;
 
     /// Its own transaction (autocommit), like PostgreSQL's `nextval`. Read with `fetch_all`,
     /// which steps the statement to its end: the commit happens there, so a commit that fails
@@ -51,36 +52,32 @@ impl BatchDialect for SqliteBatch {
             .ok_or_else(|| protocol("consumption_id_blocks has no row"))
     }
 
-    async fn insert_consumptions(
+    async fn write_rows(
         tx: &mut SqliteConnection,
-        columns: &DeductColumns,
+        rows: &BatchRows,
+        refunds: &[&RefundEffect],
     ) -> Result<HashSet<i64>, sqlx::Error> {
-        let mut inserted = HashSet::with_capacity(columns.ids.len());
-        for rows in row_chunks(columns.ids.len()) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
-                     credits_cost, price_version, idempotency_key, request_fingerprint,
-                     remaining_after, metadata, created_at) ",
-            );
-            query.push_values(rows, |mut values, row| {
-                values
-                    .push_bind(columns.user_ids[row])
-                    .push_bind(columns.ids[row])
-                    .push_bind(&columns.action_keys[row])
-                    .push_bind(columns.quantities[row])
-                    .push_bind(columns.unit_costs[row])
-                    .push_bind(columns.credits_costs[row])
-                    .push_bind(columns.price_versions[row])
-                    .push_bind(&columns.idempotency_keys[row])
-                    .push_bind(&columns.fingerprints[row])
-                    .push_bind(columns.remaining_after[row])
-                    .push_bind(&columns.metadata[row])
-                    .push_bind(columns.created_at[row]);
-            });
-            query.push(" ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING id");
-            let ids: Vec<i64> = query.build_query_scalar().fetch_all(&mut *tx).await?;
-            inserted.extend(ids);
+        // Deductions first: a key that already exists is skipped, and so is what it would use.
+        let inserted = if rows.deducts.ids.is_empty() {
+            HashSet::new()
+        } else {
+            insert_consumptions(tx, &rows.deducts).await?
+        };
+        let allocations = rows.allocations.inserted(&inserted);
+        if !allocations.user_ids.is_empty() {
+            insert_allocations(tx, &allocations).await?;
         }
+        if !refunds.is_empty() {
+            write_refunds(tx, refunds).await?;
+        }
+        let deltas = rows.grant_deltas(&inserted);
+        if !deltas.user_ids.is_empty() {
+            let updated = apply_grant_deltas(tx, &deltas).await?;
+            if updated != deltas.user_ids.len() as u64 {
+                return Err(protocol("a grant named by an allocation does not exist"));
+            }
+        }
+        Self::insert_events(tx, &rows.events.inserted(&inserted)).await?;
         Ok(inserted)
     }
 
@@ -90,113 +87,6 @@ impl BatchDialect for SqliteBatch {
         keys: &[&str],
     ) -> Result<Vec<(String, StoredConsumption)>, sqlx::Error> {
         find_consumptions_by_keys(tx, user_ids, keys).await
-    }
-
-    async fn insert_allocations(
-        tx: &mut SqliteConnection,
-        rows: &AllocationColumns,
-    ) -> Result<(), sqlx::Error> {
-        for chunk in row_chunks(rows.user_ids.len()) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO consumption_allocations
-                     (user_id, consumption_id, user_package_id, credits) ",
-            );
-            query.push_values(chunk, |mut values, row| {
-                values
-                    .push_bind(rows.user_ids[row])
-                    .push_bind(rows.consumption_ids[row])
-                    .push_bind(rows.user_package_ids[row])
-                    .push_bind(rows.credits[row]);
-            });
-            query.build().execute(&mut *tx).await?;
-        }
-        Ok(())
-    }
-
-    async fn write_refunds(
-        tx: &mut SqliteConnection,
-        refunds: &[&RefundEffect],
-    ) -> Result<(), sqlx::Error> {
-        for refund in refunds {
-            let marked = sqlx::query(
-                "UPDATE consumption_records
-                 SET status = 'refunded', refunded_credits = $3, forfeited_credits = $4,
-                     refund_reason = $5, refunded_at = $6
-                 WHERE user_id = $1 AND id = $2 AND status = 'completed'",
-            )
-            .bind(refund.user_id.get())
-            .bind(refund.consumption_id.get())
-            .bind(refund.plan.refunded_credits().get())
-            .bind(refund.plan.forfeited_credits().get())
-            .bind(&refund.reason)
-            .bind(refund.refunded_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if marked != 1 {
-                return Err(protocol(
-                    "a refunded consumption was not in state completed",
-                ));
-            }
-            let shares = refund
-                .plan
-                .restore
-                .iter()
-                .map(|a| (a, a.credits.get(), 0))
-                .chain(refund.plan.forfeit.iter().map(|a| (a, 0, a.credits.get())));
-            for (allocation, refunded, forfeited) in shares {
-                let updated = sqlx::query(
-                    "UPDATE consumption_allocations
-                     SET refunded_credits = refunded_credits + $4,
-                         forfeited_credits = forfeited_credits + $5
-                     WHERE user_id = $1 AND consumption_id = $2 AND user_package_id = $3",
-                )
-                .bind(refund.user_id.get())
-                .bind(refund.consumption_id.get())
-                .bind(allocation.user_package_id.get())
-                .bind(refunded)
-                .bind(forfeited)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if updated != 1 {
-                    return Err(protocol("a refunded allocation does not exist"));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn apply_grant_deltas(
-        tx: &mut SqliteConnection,
-        deltas: &GrantDeltas,
-    ) -> Result<u64, sqlx::Error> {
-        let now = chrono::Utc::now();
-        let mut updated = 0;
-        for rows in row_chunks(deltas.user_ids.len()) {
-            // A VALUES list names its columns column1, column2, column3.
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "UPDATE user_packages AS g
-                 SET used_credits = g.used_credits + d.column3,
-                     remaining_credits = CASE WHEN g.unlimited THEN 0
-                         ELSE g.remaining_credits - d.column3 END,
-                     status = CASE
-                         WHEN g.unlimited OR g.status NOT IN ('active', 'depleted') THEN g.status
-                         WHEN g.remaining_credits - d.column3 = 0 THEN 'depleted'
-                         ELSE 'active' END,
-                     updated_at = ",
-            );
-            query.push_bind(now).push(" FROM (");
-            query.push_values(rows, |mut values, row| {
-                values
-                    .push_bind(deltas.user_ids[row])
-                    .push_bind(deltas.grant_ids[row])
-                    .push_bind(deltas.used[row]);
-            });
-            query.push(") AS d WHERE g.user_id = d.column1 AND g.id = d.column2");
-            updated += query.build().execute(&mut *tx).await?.rows_affected();
-        }
-        Ok(updated)
     }
 
     async fn write_grant_change(
@@ -222,4 +112,144 @@ impl BatchDialect for SqliteBatch {
         }
         Ok(())
     }
+}
+
+async fn insert_consumptions(
+    tx: &mut SqliteConnection,
+    columns: &DeductColumns,
+) -> Result<HashSet<i64>, sqlx::Error> {
+    let mut inserted = HashSet::with_capacity(columns.ids.len());
+    for rows in row_chunks(columns.ids.len()) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
+                 credits_cost, price_version, idempotency_key, request_fingerprint,
+                 remaining_after, metadata, created_at) ",
+        );
+        query.push_values(rows, |mut values, row| {
+            values
+                .push_bind(columns.user_ids[row])
+                .push_bind(columns.ids[row])
+                .push_bind(&columns.action_keys[row])
+                .push_bind(columns.quantities[row])
+                .push_bind(columns.unit_costs[row])
+                .push_bind(columns.credits_costs[row])
+                .push_bind(columns.price_versions[row])
+                .push_bind(&columns.idempotency_keys[row])
+                .push_bind(&columns.fingerprints[row])
+                .push_bind(columns.remaining_after[row])
+                .push_bind(&columns.metadata[row])
+                .push_bind(columns.created_at[row]);
+        });
+        query.push(" ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING id");
+        let ids: Vec<i64> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+        inserted.extend(ids);
+    }
+    Ok(inserted)
+}
+
+async fn insert_allocations(
+    tx: &mut SqliteConnection,
+    rows: &AllocationColumns,
+) -> Result<(), sqlx::Error> {
+    for chunk in row_chunks(rows.user_ids.len()) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO consumption_allocations
+                 (user_id, consumption_id, user_package_id, credits) ",
+        );
+        query.push_values(chunk, |mut values, row| {
+            values
+                .push_bind(rows.user_ids[row])
+                .push_bind(rows.consumption_ids[row])
+                .push_bind(rows.user_package_ids[row])
+                .push_bind(rows.credits[row]);
+        });
+        query.build().execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+async fn write_refunds(
+    tx: &mut SqliteConnection,
+    refunds: &[&RefundEffect],
+) -> Result<(), sqlx::Error> {
+    for refund in refunds {
+        let marked = sqlx::query(
+            "UPDATE consumption_records
+             SET status = 'refunded', refunded_credits = $3, forfeited_credits = $4,
+                 refund_reason = $5, refunded_at = $6
+             WHERE user_id = $1 AND id = $2 AND status = 'completed'",
+        )
+        .bind(refund.user_id.get())
+        .bind(refund.consumption_id.get())
+        .bind(refund.plan.refunded_credits().get())
+        .bind(refund.plan.forfeited_credits().get())
+        .bind(&refund.reason)
+        .bind(refund.refunded_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if marked != 1 {
+            return Err(protocol(
+                "a refunded consumption was not in state completed",
+            ));
+        }
+        let shares = refund
+            .plan
+            .restore
+            .iter()
+            .map(|a| (a, a.credits.get(), 0))
+            .chain(refund.plan.forfeit.iter().map(|a| (a, 0, a.credits.get())));
+        for (allocation, refunded, forfeited) in shares {
+            let updated = sqlx::query(
+                "UPDATE consumption_allocations
+                 SET refunded_credits = refunded_credits + $4,
+                     forfeited_credits = forfeited_credits + $5
+                 WHERE user_id = $1 AND consumption_id = $2 AND user_package_id = $3",
+            )
+            .bind(refund.user_id.get())
+            .bind(refund.consumption_id.get())
+            .bind(allocation.user_package_id.get())
+            .bind(refunded)
+            .bind(forfeited)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Err(protocol("a refunded allocation does not exist"));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn apply_grant_deltas(
+    tx: &mut SqliteConnection,
+    deltas: &GrantDeltas,
+) -> Result<u64, sqlx::Error> {
+    let now = chrono::Utc::now();
+    let mut updated = 0;
+    for rows in row_chunks(deltas.user_ids.len()) {
+        // A VALUES list names its columns column1, column2, column3.
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "UPDATE user_packages AS g
+             SET used_credits = g.used_credits + d.column3,
+                 remaining_credits = CASE WHEN g.unlimited THEN 0
+                     ELSE g.remaining_credits - d.column3 END,
+                 status = CASE
+                     WHEN g.unlimited OR g.status NOT IN ('active', 'depleted') THEN g.status
+                     WHEN g.remaining_credits - d.column3 = 0 THEN 'depleted'
+                     ELSE 'active' END,
+                 updated_at = ",
+        );
+        query.push_bind(now).push(" FROM (");
+        query.push_values(rows, |mut values, row| {
+            values
+                .push_bind(deltas.user_ids[row])
+                .push_bind(deltas.grant_ids[row])
+                .push_bind(deltas.used[row]);
+        });
+        query.push(") AS d WHERE g.user_id = d.column1 AND g.id = d.column2");
+        updated += query.build().execute(&mut *tx).await?.rows_affected();
+    }
+    Ok(updated)
 }

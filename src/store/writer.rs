@@ -2,8 +2,8 @@
 //!
 //! Wallets apply a deduction or refund in memory and hand the effect, with the caller's reply
 //! port, to the writer lane of their user. A lane takes whatever is queued (up to `batch_max`),
-//! commits it in one transaction of a handful of statements (see `BatchDialect`: array
-//! `UNNEST` statements on PostgreSQL, multi-row `VALUES` statements on SQLite), and only then
+//! commits it atomically (see `BatchDialect`: one statement of array `UNNEST`s on PostgreSQL,
+//! a transaction of multi-row `VALUES` statements on SQLite), and only then
 //! answers the callers and reports back to the wallets. The next batch starts with whatever
 //! queued while this one committed: group commit without a fixed sleep.
 //!
@@ -710,7 +710,9 @@ async fn commit<D: BatchDialect>(
             duplicates,
             grant_rows: Vec::new(),
         };
-        return written.applied(batch, &deducts, &consumption_ids);
+        return written
+            .applied(batch, &deducts, &consumption_ids)
+            .map_err(CommitError::Unknown);
     }
 
     let mut tx = connection.begin_with(D::BEGIN).await?;
@@ -735,13 +737,14 @@ async fn commit<D: BatchDialect>(
     if !events.kinds.is_empty() {
         D::insert_events(&mut tx, &events).await?;
     }
-    tx.commit().await.map_err(CommitError::Unknown)?;
     let written = Written {
         inserted,
         duplicates,
         grant_rows,
     };
-    written.applied(batch, &deducts, &consumption_ids)
+    let applied = written.applied(batch, &deducts, &consumption_ids)?;
+    tx.commit().await.map_err(CommitError::Unknown)?;
+    Ok(applied)
 }
 
 /// The committed deductions that the batch's deductions which were not inserted replay.
@@ -789,7 +792,7 @@ impl Written {
         batch: &[Envelope],
         deducts: &[&DeductEffect],
         consumption_ids: &[i64],
-    ) -> Result<Vec<Applied>, CommitError> {
+    ) -> Result<Vec<Applied>, sqlx::Error> {
         let mut deduct_ids = deducts.iter().zip(consumption_ids);
         let mut grant_rows = self.grant_rows.into_iter();
         let mut applied = Vec::with_capacity(batch.len());
@@ -797,7 +800,7 @@ impl Written {
             applied.push(match &envelope.effect {
                 Effect::Deduct(_) => {
                     let Some((effect, &id)) = deduct_ids.next() else {
-                        return Err(protocol("deduct effects out of step").into());
+                        return Err(protocol("deduct effects out of step"));
                     };
                     if self.inserted.contains(&id) {
                         Applied::Inserted(ConsumptionId(id))

@@ -1,7 +1,7 @@
 //! The batch writer's statements on SQLite: each kind of row a batch writes goes in one
 //! multi-row statement (in chunks of [`ROWS_PER_STATEMENT_MAX`], under SQLite's limit on bound
-//! values), as PostgreSQL's `UNNEST` statements do: every statement is a hop to the
-//! connection's thread, and a batch commits with one WAL sync.
+//! values), as PostgreSQL's `UNNEST` arrays do: every statement is a hop to the connection's
+//! thread, and a batch commits with one WAL sync.
 
 use std::collections::HashSet;
 

@@ -310,9 +310,10 @@ pub async fn connect(database_url: &str, pool_max: u32) -> Result<PgPool, sqlx::
         .application_name(APPLICATION_NAME)
         // Every statement is planned for its own arguments. A generic plan, which PostgreSQL
         // caches per connection after five executions, is costed for the table sizes of that
-        // moment: made while a new database's tables were nearly empty, it seq-scans them for
-        // as long as the connection lives (measured: a batch's refund `UPDATE ... FROM UNNEST`
-        // scanning all of `consumption_records`, 1,764 instead of 8,556 deducts/s).
+        // moment: made while a new database's tables were nearly empty, it scans them whole
+        // for as long as the connection lives. (Found on a writer lane, whose connection has
+        // its own remedy: a refund's `UPDATE` scanning all of `consumption_records`, 1,764
+        // deducts/s on a new database against 8,556/s on a used one.)
         .options([("plan_cache_mode", "force_custom_plan")])
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
     let pool = pool_options(pool_max).connect_with(options).await?;

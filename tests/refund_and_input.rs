@@ -108,6 +108,66 @@ async fn refund_restores_grants_forfeits_expired_shares_and_replays(db: TestDb) 
 }
 
 backend_tests! {
+async fn refunds_of_one_consumption_at_once_refund_it_once_while_deducts_go_on(db: TestDb) {
+    let package = create_package(&db, "credits", Some(100), None).await;
+    let engine = std::sync::Arc::new(engine_on(&db).await);
+    engine.grant(6, package, json!({})).await;
+    let mut consumptions = Vec::new();
+    for key in ["a", "b", "c"] {
+        let (status, body) = engine
+            .deduct(json!({"user_id": 6, "action_key": "advanced_analysis", "idempotency_key": key}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        consumptions.push(body["consumption_id"].clone());
+    }
+    assert_eq!(remaining_of(&db, 6).await, 91);
+
+    // Ten refunds of each of the three, by id and by key, with deducts in between: the wallet
+    // reads each refund's consumption off its turn and goes on serving.
+    let mut tasks = tokio::task::JoinSet::new();
+    for round in 0..10 {
+        for (index, key) in ["a", "b", "c"].into_iter().enumerate() {
+            let engine = engine.clone();
+            let by = if round % 2 == 0 {
+                json!({"consumption_id": consumptions[index]})
+            } else {
+                json!({"user_id": 6, "idempotency_key": key})
+            };
+            tasks.spawn(async move { ("refund", engine.refund(by).await) });
+        }
+        let engine = engine.clone();
+        tasks.spawn(async move {
+            ("deduct", engine.deduct(json!({"user_id": 6, "action_key": "ai_chat"})).await)
+        });
+    }
+    let mut first_refunds = 0;
+    while let Some(result) = tasks.join_next().await {
+        let (kind, (status, body)) = result.unwrap();
+        assert_eq!(status, StatusCode::OK, "{kind}: {body}");
+        if kind == "refund" {
+            assert_eq!(body["refunded_credits"], 3, "{body}");
+            if body["replayed"] == false {
+                first_refunds += 1;
+            }
+        }
+    }
+    assert_eq!(first_refunds, 3);
+    // 100 - 3 x 3 + 3 x 3 refunded - 10 x 1 deducted.
+    assert_eq!(remaining_of(&db, 6).await, 90);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM consumption_records WHERE status = 'refunded'").await,
+        3
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM billing_events WHERE kind = 'billing_consumption_refund'").await,
+        3
+    );
+    assert_ledger_balanced(&db).await;
+    std::sync::Arc::into_inner(engine).unwrap().stop().await;
+}
+}
+
+backend_tests! {
 async fn a_refund_by_key_sent_with_its_deduct_waits_for_the_commit(db: TestDb) {
     let credits = create_package(&db, "credits", Some(50), None).await;
     let engine = engine_on(&db).await;

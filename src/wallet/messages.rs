@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 
 use crate::domain::{Allocation, ConsumptionId, Credits, Grant, NewGrant, UserPackageId};
 use crate::error::EngineError;
-use crate::store::UserPackageRow;
+use crate::store::{StoredConsumption, UserPackageRow};
 
 /// Where a wallet (or the writer, after the commit) sends its answer.
 pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
@@ -186,6 +186,12 @@ pub enum WalletMsg {
     Panic,
     /// From the batch writer, once per batch that held effects of this wallet.
     Settled(Vec<Settlement>),
+    /// The consumption a refund names, read from the database off the wallet's turn.
+    RefundRead {
+        request: RefundRequest,
+        reply: Reply<RefundAnswer>,
+        read: Result<Option<StoredConsumption>, EngineError>,
+    },
 }
 
 /// A wallet's answer to reconciliation.
@@ -207,7 +213,10 @@ impl WalletMsg {
     /// Requests count against the mailbox limit; settlements do not (they are bounded by the
     /// writer's queue, and refusing them would strand the wallet).
     pub fn is_request(&self) -> bool {
-        !matches!(self, WalletMsg::Settled(_) | WalletMsg::Passivate)
+        !matches!(
+            self,
+            WalletMsg::Settled(_) | WalletMsg::Passivate | WalletMsg::RefundRead { .. }
+        )
     }
 
     /// A request of a caller (not of housekeeping): it keeps the wallet from going idle.

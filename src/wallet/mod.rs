@@ -8,7 +8,7 @@
 
 mod messages;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -146,6 +146,20 @@ enum KeyState {
     },
 }
 
+/// A refund's consumption is read from the database by a task of its own, which reports back
+/// with [`WalletMsg::RefundRead`]; one read at a time, the others wait in order.
+///
+/// A read is never stale for this wallet's own refunds: a refund this life committed before
+/// the read began is in what it reads (a life's predecessor settled all of its refunds before
+/// this life loaded), one still in flight when it ends is found in `refunds_in_flight`, and one
+/// committed while it ran is noted in `settled_while_reading`, so that read is made again.
+#[derive(Default)]
+struct RefundReads {
+    reading: bool,
+    waiting: VecDeque<(RefundRequest, Reply<RefundAnswer>)>,
+    settled_while_reading: HashSet<ConsumptionId>,
+}
+
 pub struct WalletState {
     user_id: UserId,
     deps: Arc<WalletDeps>,
@@ -159,6 +173,9 @@ pub struct WalletState {
     refunds_in_flight: HashMap<ConsumptionId, Vec<Reply<RefundAnswer>>>,
     /// Refunds by idempotency key whose deduction is still in flight; re-sent once it settles.
     refunds_awaiting_key: HashMap<String, Vec<(RefundRequest, Reply<RefundAnswer>)>>,
+    /// The reads of the consumptions that refunds name, made off the wallet's turn so its other
+    /// requests go on meanwhile.
+    refund_reads: RefundReads,
     /// Effects handed to the writer and not yet settled.
     in_flight: usize,
     /// The epoch this memory was loaded under; effects carry it.
@@ -195,6 +212,7 @@ impl Actor for Wallet {
             done_keys: VecDeque::new(),
             refunds_in_flight: HashMap::new(),
             refunds_awaiting_key: HashMap::new(),
+            refund_reads: RefundReads::default(),
             in_flight: 0,
             epoch: 0,
             epoch_cell: Arc::new(AtomicU64::new(0)),
@@ -302,6 +320,13 @@ impl Actor for Wallet {
                 let _ = reply.send(Box::pin(state.snapshot()).await);
             }
             WalletMsg::Settled(settlements) => state.settle(&myself, settlements).await,
+            WalletMsg::RefundRead {
+                request,
+                reply,
+                read,
+            } => {
+                Box::pin(state.refund_read(&myself, request, reply, read)).await;
+            }
             WalletMsg::Passivate => {
                 if state.is_idle() && state.close() {
                     tracing::debug!(user_id = %state.user_id, "wallet passivated");
@@ -560,13 +585,88 @@ impl WalletState {
                 .push((request, reply));
             return;
         }
-        let stored = match self.find_refundable(&request.target).await {
-            Ok(stored) => stored,
-            Err(error) => {
-                let _ = reply.send(Err(error));
+        if self.refund_reads.reading {
+            self.refund_reads.waiting.push_back((request, reply));
+            return;
+        }
+        if let Err(error) = self.ensure_fresh().await {
+            let _ = reply.send(Err(error));
+            return;
+        }
+        self.start_refund_read(myself, request, reply);
+    }
+
+    /// Reads the consumption a refund names in a task of its own, which reports back.
+    fn start_refund_read(
+        &mut self,
+        myself: &ActorRef<WalletMsg>,
+        request: RefundRequest,
+        reply: Reply<RefundAnswer>,
+    ) {
+        self.refund_reads.reading = true;
+        self.refund_reads.settled_while_reading.clear();
+        let db = self.deps.db.clone();
+        let user_id = self.user_id;
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let read = match &request.target {
+                RefundTarget::IdempotencyKey(key) => db.find_consumption_by_key(user_id, key).await,
+                RefundTarget::Id(id) => db.find_consumption(user_id, *id).await,
+            }
+            .map_err(EngineError::from);
+            let message = WalletMsg::RefundRead {
+                request,
+                reply,
+                read,
+            };
+            if let Err(ractor::MessagingErr::SendErr(WalletMsg::RefundRead { reply, .. })) =
+                myself.send_message(message)
+            {
+                let _ = reply.send(Err(EngineError::Unavailable("the wallet stopped; retry")));
+            }
+        });
+    }
+
+    /// A refund's consumption has been read: refund it, then start the next read waiting.
+    async fn refund_read(
+        &mut self,
+        myself: &ActorRef<WalletMsg>,
+        request: RefundRequest,
+        reply: Reply<RefundAnswer>,
+        read: Result<Option<StoredConsumption>, EngineError>,
+    ) {
+        self.refund_reads.reading = false;
+        match read.and_then(|stored| stored.ok_or(EngineError::ConsumptionNotFound)) {
+            Ok(stored)
+                if !stored.refunded
+                    && self.refund_reads.settled_while_reading.contains(&stored.id) =>
+            {
+                // This wallet refunded it while the read ran: read it again.
+                self.start_refund_read(myself, request, reply);
                 return;
             }
-        };
+            Ok(stored) => self.refund_stored(myself, stored, request, reply).await,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+        if let Some((request, reply)) = self.refund_reads.waiting.pop_front() {
+            Box::pin(self.refund(myself, request, reply)).await;
+        }
+    }
+
+    /// Refunds a committed consumption (or answers how it was refunded before).
+    async fn refund_stored(
+        &mut self,
+        myself: &ActorRef<WalletMsg>,
+        stored: StoredConsumption,
+        request: RefundRequest,
+        reply: Reply<RefundAnswer>,
+    ) {
+        if let Err(error) = self.ensure_fresh().await {
+            let _ = reply.send(Err(error));
+            return;
+        }
         if let Some(waiters) = self.refunds_in_flight.get_mut(&stored.id) {
             waiters.push(reply);
             return;
@@ -605,22 +705,6 @@ impl WalletState {
             reply,
         });
         self.hand_over(myself, permit, effect);
-    }
-
-    /// The committed consumption a refund names.
-    async fn find_refundable(
-        &mut self,
-        target: &RefundTarget,
-    ) -> Result<StoredConsumption, EngineError> {
-        self.ensure_fresh().await?;
-        let db = &self.deps.db;
-        let stored = match target {
-            RefundTarget::IdempotencyKey(key) => {
-                db.find_consumption_by_key(self.user_id, key).await?
-            }
-            RefundTarget::Id(id) => db.find_consumption(self.user_id, *id).await?,
-        };
-        stored.ok_or(EngineError::ConsumptionNotFound)
     }
 
     async fn assign(&mut self, request: AssignRequest) -> Result<AssignAnswer, EngineError> {
@@ -679,6 +763,8 @@ impl WalletState {
         let quiet = self.in_flight == 0
             && self.refunds_in_flight.is_empty()
             && self.refunds_awaiting_key.is_empty()
+            && !self.refund_reads.reading
+            && self.refund_reads.waiting.is_empty()
             && !self
                 .keys
                 .values()
@@ -806,6 +892,11 @@ impl WalletState {
                     consumption_id,
                     outcome,
                 } => {
+                    if self.refund_reads.reading && matches!(outcome, RefundOutcome::Committed(_)) {
+                        self.refund_reads
+                            .settled_while_reading
+                            .insert(consumption_id);
+                    }
                     let waiters = self
                         .refunds_in_flight
                         .remove(&consumption_id)

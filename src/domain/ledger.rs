@@ -203,6 +203,20 @@ impl RefundPlan {
     pub fn forfeited_credits(&self) -> Credits {
         sum(&self.forfeit)
     }
+
+    /// Per allocation share: the grant it came from, the credits it gives back and the
+    /// credits it forfeits (one of the two is zero); restored shares first.
+    pub fn shares(&self) -> impl Iterator<Item = (UserPackageId, i64, i64)> + '_ {
+        let restored = self
+            .restore
+            .iter()
+            .map(|share| (share.user_package_id, share.credits.get(), 0));
+        let forfeited = self
+            .forfeit
+            .iter()
+            .map(|share| (share.user_package_id, 0, share.credits.get()));
+        restored.chain(forfeited)
+    }
 }
 
 fn sum(allocations: &[Allocation]) -> Credits {

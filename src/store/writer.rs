@@ -634,6 +634,21 @@ pub(crate) trait BatchDialect: Send + 'static {
     async fn insert_events(tx: &mut Conn<Self>, events: &Events) -> Result<(), sqlx::Error>;
 }
 
+/// The `SET` assignments that give grant `g` `delta` more credits of use (a refund's restore is
+/// negative): a limited grant takes them from `remaining_credits`, and an active or depleted
+/// one is depleted at zero and active above it. Both backends' batch `UPDATE`s use it, each
+/// naming its delta column.
+pub(crate) fn grant_use_assignments(delta: &str) -> String {
+    format!(
+        "used_credits = g.used_credits + {delta},
+         remaining_credits = CASE WHEN g.unlimited THEN 0 ELSE g.remaining_credits - {delta} END,
+         status = CASE
+             WHEN g.unlimited OR g.status NOT IN ('active', 'depleted') THEN g.status
+             WHEN g.remaining_credits - {delta} = 0 THEN 'depleted'
+             ELSE 'active' END"
+    )
+}
+
 /// Column arrays of the deducts in a batch, in batch order.
 #[derive(Default)]
 pub(crate) struct DeductColumns {
@@ -734,9 +749,7 @@ async fn commit<D: BatchDialect>(
             grant_rows.push(row);
         }
     }
-    if !events.kinds.is_empty() {
-        D::insert_events(&mut tx, &events).await?;
-    }
+    D::insert_events(&mut tx, &events).await?;
     let written = Written {
         inserted,
         duplicates,

@@ -8,7 +8,9 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, Postgres};
 
 use crate::store::portable::{POSTGRES, Portable};
-use crate::store::writer::{BatchDialect, BatchRows, Events, GrantEffect, RefundEffect};
+use crate::store::writer::{
+    BatchDialect, BatchRows, Events, GrantEffect, RefundEffect, grant_use_assignments,
+};
 use crate::store::{StoredConsumption, UserPackageRow};
 
 /// The PostgreSQL statements of the batch writer.
@@ -62,7 +64,8 @@ impl BatchDialect for PgBatch {
         let refunded = RefundColumns::of(refunds);
         let restores = &rows.restores;
         let events = &rows.events;
-        let inserted: Vec<i64> = sqlx::query_scalar(
+        let grant_use = grant_use_assignments("d.used");
+        let inserted: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "WITH new AS (
                  INSERT INTO consumption_records (user_id, id, action_key, quantity, unit_cost,
                      credits_cost, price_version, idempotency_key, request_fingerprint,
@@ -109,14 +112,7 @@ impl BatchDialect for PgBatch {
                  HAVING sum(d.used) <> 0
              ), used AS (
                  UPDATE user_packages g
-                 SET used_credits = g.used_credits + d.used,
-                     remaining_credits = CASE WHEN g.unlimited THEN 0
-                         ELSE g.remaining_credits - d.used END,
-                     status = CASE
-                         WHEN g.unlimited OR g.status NOT IN ('active', 'depleted') THEN g.status
-                         WHEN g.remaining_credits - d.used = 0 THEN 'depleted'
-                         ELSE 'active' END,
-                     updated_at = now()
+                 SET {grant_use}, updated_at = now()
                  FROM deltas d
                  WHERE g.user_id = d.user_id AND g.id = d.id
                  RETURNING 1
@@ -137,8 +133,8 @@ impl BatchDialect for PgBatch {
                  'a refunded allocation does not exist')
                AND credits_batch_check(
                  (SELECT count(*) FROM used) = (SELECT count(*) FROM deltas),
-                 'a grant named by an allocation does not exist')",
-        )
+                 'a grant named by an allocation does not exist')"
+        )))
         .bind(&deducts.user_ids)
         .bind(&deducts.ids)
         .bind(&deducts.action_keys)
@@ -238,16 +234,10 @@ impl RefundColumns {
                 .push(refund.plan.forfeited_credits().get());
             columns.reasons.push(refund.reason.clone());
             columns.times.push(refund.refunded_at);
-            let shares = refund
-                .plan
-                .restore
-                .iter()
-                .map(|a| (a, a.credits.get(), 0))
-                .chain(refund.plan.forfeit.iter().map(|a| (a, 0, a.credits.get())));
-            for (allocation, refunded, forfeited) in shares {
+            for (grant_id, refunded, forfeited) in refund.plan.shares() {
                 columns.shares[0].push(refund.user_id.get());
                 columns.shares[1].push(refund.consumption_id.get());
-                columns.shares[2].push(allocation.user_package_id.get());
+                columns.shares[2].push(grant_id.get());
                 columns.shares[3].push(refunded);
                 columns.shares[4].push(forfeited);
             }

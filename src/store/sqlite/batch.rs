@@ -11,7 +11,7 @@ use super::find_consumptions_by_keys;
 use crate::store::portable::{Portable, SQLITE};
 use crate::store::writer::{
     AllocationColumns, BatchDialect, BatchRows, DeductColumns, Events, GrantDeltas, GrantEffect,
-    RefundEffect, protocol,
+    RefundEffect, grant_use_assignments, protocol,
 };
 use crate::store::{StoredConsumption, UserPackageRow};
 
@@ -193,13 +193,7 @@ async fn write_refunds(
                 "a refunded consumption was not in state completed",
             ));
         }
-        let shares = refund
-            .plan
-            .restore
-            .iter()
-            .map(|a| (a, a.credits.get(), 0))
-            .chain(refund.plan.forfeit.iter().map(|a| (a, 0, a.credits.get())));
-        for (allocation, refunded, forfeited) in shares {
+        for (grant_id, refunded, forfeited) in refund.plan.shares() {
             let updated = sqlx::query(
                 "UPDATE consumption_allocations
                  SET refunded_credits = refunded_credits + $4,
@@ -208,7 +202,7 @@ async fn write_refunds(
             )
             .bind(refund.user_id.get())
             .bind(refund.consumption_id.get())
-            .bind(allocation.user_package_id.get())
+            .bind(grant_id.get())
             .bind(refunded)
             .bind(forfeited)
             .execute(&mut *tx)
@@ -230,17 +224,10 @@ async fn apply_grant_deltas(
     let mut updated = 0;
     for rows in row_chunks(deltas.user_ids.len()) {
         // A VALUES list names its columns column1, column2, column3.
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "UPDATE user_packages AS g
-             SET used_credits = g.used_credits + d.column3,
-                 remaining_credits = CASE WHEN g.unlimited THEN 0
-                     ELSE g.remaining_credits - d.column3 END,
-                 status = CASE
-                     WHEN g.unlimited OR g.status NOT IN ('active', 'depleted') THEN g.status
-                     WHEN g.remaining_credits - d.column3 = 0 THEN 'depleted'
-                     ELSE 'active' END,
-                 updated_at = ",
-        );
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "UPDATE user_packages AS g SET {}, updated_at = ",
+            grant_use_assignments("d.column3")
+        ));
         query.push_bind(now).push(" FROM (");
         query.push_values(rows, |mut values, row| {
             values

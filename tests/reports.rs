@@ -788,3 +788,39 @@ async fn exports_beyond_the_concurrent_limit_are_503(pool: PgPool) {
     let third = call(&engine.router, "GET", EXPORT, Some(&admin_token()), None).await;
     assert_eq!(third.status, StatusCode::OK);
 }
+
+#[sqlx::test(migrations = "./migrations/postgres")]
+async fn the_audit_logs_kind_rule_is_the_same_after_its_cheaper_check(pool: PgPool) {
+    // Migration 0004 rewrote `kind ~ '^[a-z_]{1,64}$'` as a length test and an unbounded
+    // class. The kinds it accepts and refuses are the same.
+    let accepted = ["a", "_", "billing_credits_deduct", &"z".repeat(64)];
+    let refused = [
+        "",
+        "Billing",
+        "billing-credits",
+        "billing credits",
+        "billing\ncredits",
+        "billing_credits_deduct\n",
+        "é",
+        &"z".repeat(65),
+    ];
+    for kind in accepted.iter().chain(&refused) {
+        let inserted = sqlx::query("INSERT INTO billing_events (kind) VALUES ($1)")
+            .bind(kind)
+            .execute(&pool)
+            .await;
+        match inserted {
+            Ok(_) => assert!(accepted.contains(kind), "{kind:?} was accepted"),
+            Err(error) => {
+                assert!(refused.contains(kind), "{kind:?} was refused: {error}");
+                let code = error.as_database_error().and_then(|e| e.code());
+                assert_eq!(code.as_deref(), Some("23514"), "{kind:?}: {error}");
+            }
+        }
+    }
+    let stored: Vec<String> = sqlx::query_scalar("SELECT kind FROM billing_events ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, accepted);
+}

@@ -12,8 +12,8 @@ use credits_engine::domain::{Balance, Credits, Grant, GrantStatus, UserId, UserP
 use credits_engine::error::EngineError;
 use credits_engine::store::writer::{Effect, WriterHandle};
 use credits_engine::wallet::{
-    DeductAnswer, DeductOutcome, DeductRequest, Reply, Settlement, Wallet, WalletArgs, WalletDeps,
-    WalletLife, WalletLimits, WalletMsg,
+    DeductAnswer, DeductOutcome, DeductRequest, GrantLoader, Reply, Settlement, Wallet, WalletArgs,
+    WalletDeps, WalletLife, WalletLimits, WalletMsg,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ractor::{Actor, ActorRef};
@@ -66,13 +66,15 @@ async fn wallet() -> (ActorRef<WalletMsg>, Arc<WalletLife>) {
             }
         }
     });
+    // Never connected: the preloaded wallet does not read the database on these paths.
+    let db = credits_engine::store::postgres::PgStore::db(
+        sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://127.0.0.1:1/unused")
+            .unwrap(),
+    );
     let deps = Arc::new(WalletDeps {
-        // Never connected: the preloaded wallet does not read the database on these paths.
-        db: credits_engine::store::postgres::PgStore::db(
-            sqlx::postgres::PgPoolOptions::new()
-                .connect_lazy("postgres://127.0.0.1:1/unused")
-                .unwrap(),
-        ),
+        loader: GrantLoader::spawn(db.clone()),
+        db,
         writer,
         clock: Arc::new(SystemClock),
         limits: WalletLimits {

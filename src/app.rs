@@ -21,7 +21,7 @@ use crate::metrics;
 use crate::registry::{Registry, RegistryLimits};
 use crate::store::{self, Db, writer};
 use crate::supervisor::{self, Reconciler};
-use crate::wallet::{WalletDeps, WalletLimits};
+use crate::wallet::{GrantLoader, WalletDeps, WalletLimits};
 
 /// How often the supervisor samples readiness, the pool and the wallet count into the metrics.
 const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(5);
@@ -109,6 +109,7 @@ impl App {
         );
         let deps = Arc::new(WalletDeps {
             db: db.clone(),
+            loader: GrantLoader::spawn(db.clone()),
             writer: writer.clone(),
             clock: clock.clone(),
             limits: WalletLimits {

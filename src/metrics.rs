@@ -27,6 +27,7 @@ pub const CREDITS_REVOKED: &str = "credits_revoked_total";
 pub const WALLETS_ACTIVE: &str = "credits_wallets_active";
 pub const WALLETS_MAX: &str = "credits_wallets_max";
 pub const WALLET_SPAWNS: &str = "credits_wallet_spawns_total";
+pub const WALLET_LOAD_BATCH_SIZE: &str = "credits_wallet_load_batch_size";
 pub const WALLET_PASSIVATIONS: &str = "credits_wallet_passivations_total";
 pub const WALLET_RESTARTS: &str = "credits_wallet_restarts_total";
 pub const WALLET_MAILBOX_DEPTH: &str = "credits_wallet_mailbox_depth";
@@ -61,6 +62,7 @@ pub const ALL: &[&str] = &[
     WALLETS_ACTIVE,
     WALLETS_MAX,
     WALLET_SPAWNS,
+    WALLET_LOAD_BATCH_SIZE,
     WALLET_PASSIVATIONS,
     WALLET_RESTARTS,
     WALLET_MAILBOX_DEPTH,
@@ -100,6 +102,12 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|builder| {
                     builder.set_buckets_for_metric(
                         Matcher::Full(WRITER_BATCH_SIZE.into()),
+                        COUNT_BUCKETS,
+                    )
+                })
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        Matcher::Full(WALLET_LOAD_BATCH_SIZE.into()),
                         COUNT_BUCKETS,
                     )
                 })
@@ -155,6 +163,10 @@ fn describe() {
     describe_gauge!(WALLETS_ACTIVE, "Wallet actors in memory");
     describe_gauge!(WALLETS_MAX, "The configured maximum of wallets in memory");
     describe_counter!(WALLET_SPAWNS, "Wallets loaded from the database");
+    describe_histogram!(
+        WALLET_LOAD_BATCH_SIZE,
+        "Wallets whose grants one query loaded (wallets that start together load together)"
+    );
     describe_counter!(
         WALLET_PASSIVATIONS,
         "Wallets that left memory: reason idle, or evicted (least recently used, map full)"
@@ -364,6 +376,10 @@ pub fn batch_failed(elapsed: Duration) {
 
 pub fn writer_queue_depth(lane: usize, depth: usize) {
     gauge!(WRITER_QUEUE_DEPTH, "lane" => lane.to_string()).set(depth as f64);
+}
+
+pub fn wallet_load_batch(wallets: usize) {
+    metrics::histogram!(WALLET_LOAD_BATCH_SIZE).record(wallets as f64);
 }
 
 pub fn wallet_spawned() {

@@ -157,6 +157,67 @@ async fn concurrent_deducts_across_a_thousand_users_match_the_database(db: TestD
 }
 
 backend_tests! {
+async fn wallets_that_start_together_each_load_their_own_grants(db: TestDb) {
+    // 600 users whose wallets all start at once, so their grants load in shared batches:
+    // user u holds u % 4 live grants of distinct sizes, and every fifth user also an expired
+    // one that a wallet must not load. Each user's first answer is their own balance.
+    const USERS: i64 = 600;
+    let package = create_package(&db, "credits", Some(10), None).await;
+    sqlx::query(
+        "WITH RECURSIVE users (u) AS (SELECT 1 UNION ALL SELECT u + 1 FROM users WHERE u < $2),
+             slots (k) AS (SELECT 0 UNION ALL SELECT k + 1 FROM slots WHERE k < 3)
+         INSERT INTO user_packages (user_id, id, package_id, source, status, priority, unlimited,
+             total_credits, used_credits, remaining_credits, expired_credits, activated_at)
+         SELECT u, 10 * u + k, $1, 'gift',
+                CASE WHEN k = 3 THEN 'expired' ELSE 'active' END, 100, false,
+                u + k, 0,
+                CASE WHEN k = 3 THEN 0 ELSE u + k END,
+                CASE WHEN k = 3 THEN u + k ELSE 0 END,
+                '2026-01-01T00:00:00+00:00'
+         FROM users, slots
+         WHERE k < u % 4 OR (k = 3 AND u % 5 = 0)",
+    )
+    .bind(package)
+    .bind(USERS)
+    .execute(&db.sql)
+    .await
+    .unwrap();
+    let engine = Arc::new(engine_on(&db).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for user in 1..=USERS {
+        let engine = engine.clone();
+        tasks.spawn(async move {
+            let (status, answer) = engine
+                .check(json!({"user_id": user, "action_key": "ai_chat"}))
+                .await;
+            assert_eq!(status, StatusCode::OK, "user {user}: {answer}");
+            (user, answer["remaining_credits"].as_i64().unwrap())
+        });
+    }
+    let mut seen = 0;
+    while let Some(result) = tasks.join_next().await {
+        let (user, remaining) = result.unwrap();
+        let own: i64 = (0..user % 4).map(|k| user + k).sum();
+        assert_eq!(remaining, own, "user {user}");
+        seen += 1;
+    }
+    assert_eq!(seen, USERS);
+    // They did load together: fewer queries than wallets.
+    let loads = metric(&engine, "credits_wallet_load_batch_size_count").await;
+    let loaded = metric(&engine, "credits_wallet_load_batch_size_sum").await;
+    assert_eq!(loaded, USERS as f64);
+    assert!(loads < loaded, "{loads} queries for {loaded} wallets");
+    // And they pay from their own grants.
+    let (status, answer) = engine
+        .deduct(json!({"user_id": 7, "action_key": "ai_chat"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(remaining_of(&db, 7).await, 7 + 8 + 9 - 1);
+    Arc::into_inner(engine).unwrap().stop().await;
+}
+}
+
+backend_tests! {
 async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(db: TestDb) {
     let package = create_package(&db, "credits", Some(100), None).await;
     let engine = Arc::new(engine_on(&db).await);

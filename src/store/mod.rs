@@ -174,6 +174,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The grants a wallet holds: every grant that can still pay or be paid back into, or be
     /// activated. Expired and revoked grants stay in the database only.
     async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error>;
+    /// The same for several users in one query, each grant with its user (the grant loader's
+    /// batches: wallets that start together load together).
+    async fn load_grants_of_wallets(
+        &self,
+        user_ids: &[UserId],
+    ) -> Result<Vec<(UserId, Grant)>, sqlx::Error>;
     /// Assigns a grant in one transaction with its `billing_package_assign` event (and
     /// `billing_package_activate` when it starts active). The same `external_ref` twice
     /// assigns once: the second call returns the first grant and `false`.

@@ -420,20 +420,31 @@ where
         pool: &Pool<DB>,
         user_id: UserId,
     ) -> Result<Vec<Grant>, sqlx::Error> {
-        let rows: Vec<UserPackageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
-             WHERE user_id = $1 AND status IN ('pending', 'active', 'depleted')"
-        )))
-        .bind(user_id.get())
-        .fetch_all(pool)
-        .await?;
-        // An error names a row the database's CHECKs would not allow.
+        let rows: Vec<UserPackageRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(wallet_grants_query("= $1")))
+                .bind(user_id.get())
+                .fetch_all(pool)
+                .await?;
+        rows.iter().map(wallet_grant).collect()
+    }
+
+    /// The grants of several wallets in one query (wallets that start together load
+    /// together): `owners` is the backend's test of `user_id` against the one bound list.
+    pub async fn load_grants_of_wallets<L>(
+        pool: &Pool<DB>,
+        owners: &str,
+        user_ids: L,
+    ) -> Result<Vec<(UserId, Grant)>, sqlx::Error>
+    where
+        L: for<'q> Encode<'q, DB> + Type<DB> + Send + 'static,
+    {
+        let rows: Vec<UserPackageRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(wallet_grants_query(owners)))
+                .bind(user_ids)
+                .fetch_all(pool)
+                .await?;
         rows.iter()
-            .map(|row| {
-                row.to_grant().ok_or_else(|| {
-                    sqlx::Error::Protocol(format!("user_packages row {} is malformed", row.id))
-                })
-            })
+            .map(|row| Ok((UserId(row.user_id), wallet_grant(row)?)))
             .collect()
     }
 
@@ -928,4 +939,18 @@ where
             row.ok_or_else(|| protocol("a grant change found the grant in another status"))?;
         Ok((row, voided))
     }
+}
+
+/// The grants a wallet holds, of the users that `owners` (a test of `user_id`) names.
+fn wallet_grants_query(owners: &str) -> String {
+    format!(
+        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
+         WHERE user_id {owners} AND status IN ('pending', 'active', 'depleted')"
+    )
+}
+
+/// An error names a row the database's CHECKs would not allow.
+fn wallet_grant(row: &UserPackageRow) -> Result<Grant, sqlx::Error> {
+    row.to_grant()
+        .ok_or_else(|| sqlx::Error::Protocol(format!("user_packages row {} is malformed", row.id)))
 }

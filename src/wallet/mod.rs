@@ -6,6 +6,7 @@
 //! state minus the effects in flight; when a batch fails, the wallet refuses work until its
 //! in-flight effects have settled and then reloads from the database.
 
+mod loader;
 mod messages;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+pub use loader::GrantLoader;
 pub use messages::*;
 
 use crate::clock::Clock;
@@ -34,6 +36,8 @@ const PASSIVATION_CHECK_MIN: Duration = Duration::from_millis(10);
 /// What every wallet shares.
 pub struct WalletDeps {
     pub db: Db,
+    /// Where a starting wallet loads its grants: together with the wallets starting with it.
+    pub loader: GrantLoader,
     pub writer: WriterHandle,
     pub clock: Arc<dyn Clock>,
     pub limits: WalletLimits,
@@ -196,13 +200,11 @@ impl Actor for Wallet {
         _myself: ActorRef<WalletMsg>,
         args: WalletArgs,
     ) -> Result<WalletState, ActorProcessingErr> {
-        let grants = match args.preloaded {
-            Some(mut grants) => {
-                domain::sort_burn_order(&mut grants);
-                grants
-            }
-            None => load_grants(&args.deps.db, args.user_id).await?,
+        let mut grants = match args.preloaded {
+            Some(grants) => grants,
+            None => args.deps.loader.load(args.user_id).await?,
         };
+        domain::sort_burn_order(&mut grants);
         Ok(WalletState {
             user_id: args.user_id,
             deps: args.deps,

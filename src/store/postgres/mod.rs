@@ -159,6 +159,14 @@ impl Store for PgStore {
         Portable::<Postgres>::load_wallet_grants(&self.pool, user_id).await
     }
 
+    async fn load_grants_of_wallets(
+        &self,
+        user_ids: &[UserId],
+    ) -> Result<Vec<(UserId, Grant)>, sqlx::Error> {
+        let ids: Vec<i64> = user_ids.iter().map(|user_id| user_id.get()).collect();
+        Portable::<Postgres>::load_grants_of_wallets(&self.pool, "= ANY($1)", ids).await
+    }
+
     async fn insert_grant(
         &self,
         user_id: UserId,

@@ -269,6 +269,22 @@ impl Store for SqliteStore {
         Portable::<Sqlite>::load_wallet_grants(&self.pool, user_id).await
     }
 
+    /// The ids go in as one JSON array (SQLite has no array parameters): one statement
+    /// whatever the batch's size.
+    async fn load_grants_of_wallets(
+        &self,
+        user_ids: &[UserId],
+    ) -> Result<Vec<(UserId, Grant)>, sqlx::Error> {
+        let ids: Vec<i64> = user_ids.iter().map(|user_id| user_id.get()).collect();
+        let ids = serde_json::to_string(&ids).map_err(|error| sqlx::Error::Encode(error.into()))?;
+        Portable::<Sqlite>::load_grants_of_wallets(
+            &self.pool,
+            "IN (SELECT value FROM json_each($1))",
+            ids,
+        )
+        .await
+    }
+
     async fn insert_grant(
         &self,
         user_id: UserId,

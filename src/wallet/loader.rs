@@ -1,0 +1,120 @@
+//! Wallets that start at the same time load their grants together.
+//!
+//! A wallet's first request loads its grants before anything else can happen for that user.
+//! After a restart, or under load spread over many users, hundreds of wallets start within
+//! a few milliseconds; one query each cost a pool round trip, the server's parse, plan and
+//! execution, and a task wake-up per wallet (measured: a uniform run over 10,000 users did
+//! 5,042 deducts/s with its wallets loaded beforehand, 4,323/s loading them as it went).
+//! The loader takes every load request queued (up to [`LOAD_BATCH_MAX`]) and answers them
+//! with one query. A lone request is not held back: it goes at once, in a batch of one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::domain::{Grant, UserId};
+use crate::metrics;
+use crate::store::Db;
+
+/// Load requests waiting for a batch; a wallet that finds the queue full waits for room.
+pub const LOAD_QUEUE_MAX: usize = 4_096;
+/// Users per query.
+pub const LOAD_BATCH_MAX: usize = 256;
+/// Queries at once (each holds one pool connection); while all are out, requests gather
+/// into the next batch.
+pub const LOADS_IN_FLIGHT: usize = 4;
+
+type Answer = Result<Vec<Grant>, Arc<sqlx::Error>>;
+
+struct LoadRequest {
+    user_id: UserId,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// The handle wallets load through. The loader stops when every handle is gone.
+#[derive(Clone)]
+pub struct GrantLoader {
+    requests: mpsc::Sender<LoadRequest>,
+}
+
+impl GrantLoader {
+    /// Starts the loader on the current tokio runtime.
+    pub fn spawn(db: Db) -> GrantLoader {
+        let (requests, queue) = mpsc::channel(LOAD_QUEUE_MAX);
+        tokio::spawn(run(db, queue));
+        GrantLoader { requests }
+    }
+
+    /// The grants of `user_id`'s wallet, as [`crate::store::Store::load_wallet_grants`] reads
+    /// them (burn order is the wallet's business).
+    pub async fn load(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(LoadRequest { user_id, reply })
+            .await
+            .map_err(|_| stopped())?;
+        match answer.await {
+            Ok(Ok(grants)) => Ok(grants),
+            // One failed query fails its whole batch; each wallet gets the error's text.
+            Ok(Err(error)) => Err(sqlx::Error::Protocol(format!(
+                "loading the grants of a batch of wallets: {error}"
+            ))),
+            Err(_) => Err(stopped()),
+        }
+    }
+}
+
+fn stopped() -> sqlx::Error {
+    sqlx::Error::Protocol("the grant loader has stopped".to_owned())
+}
+
+async fn run(db: Db, mut queue: mpsc::Receiver<LoadRequest>) {
+    let in_flight = Arc::new(Semaphore::new(LOADS_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        // Taken before the batch is: while every query is out, requests gather.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let mut batch = Vec::with_capacity(LOAD_BATCH_MAX.min(queue.len() + 1));
+        batch.push(first);
+        while batch.len() < LOAD_BATCH_MAX {
+            match queue.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let db = db.clone();
+        tokio::spawn(async move {
+            answer(&db, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(db: &Db, batch: Vec<LoadRequest>) {
+    let mut user_ids: Vec<UserId> = batch.iter().map(|request| request.user_id).collect();
+    user_ids.sort_unstable();
+    user_ids.dedup();
+    metrics::wallet_load_batch(user_ids.len());
+    match db.load_grants_of_wallets(&user_ids).await {
+        Ok(rows) => {
+            let mut by_user: HashMap<UserId, Vec<Grant>> = HashMap::with_capacity(user_ids.len());
+            for (user_id, grant) in rows {
+                by_user.entry(user_id).or_default().push(grant);
+            }
+            for request in batch {
+                let grants = by_user.get(&request.user_id).cloned().unwrap_or_default();
+                // A wallet that gave up waiting is gone; nothing to tell it.
+                let _ = request.reply.send(Ok(grants));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, users = user_ids.len(), "loading the grants of a batch of wallets failed");
+            let error = Arc::new(error);
+            for request in batch {
+                let _ = request.reply.send(Err(error.clone()));
+            }
+        }
+    }
+}

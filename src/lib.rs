@@ -30,7 +30,8 @@
 //!
 //! - [`domain`]: pure burn-down, refund and expiry rules; `now` is an argument.
 //! - [`catalog`]: action prices and packages, swapped whole on change.
-//! - [`wallet`]: the per-user actor and its messages.
+//! - [`wallet`]: the per-user actor, its messages, and the loader that reads the grants of
+//!   wallets starting together in one query.
 //! - [`registry`]: finds or spawns wallets.
 //! - [`store`]: every SQL statement, behind the [`store::Store`] trait with a PostgreSQL and an
 //!   SQLite implementation; [`store::writer`] is the group-commit writer both share.

@@ -159,8 +159,9 @@ async fn concurrent_deducts_across_a_thousand_users_match_the_database(db: TestD
 backend_tests! {
 async fn wallets_that_start_together_each_load_their_own_grants(db: TestDb) {
     // 600 users whose wallets all start at once, so their grants load in shared batches:
-    // user u holds u % 4 live grants of distinct sizes, and every fifth user also an expired
-    // one that a wallet must not load. Each user's first answer is their own balance.
+    // user u holds u % 4 live grants of distinct sizes (every fifth user also an expired one).
+    // Each user's first answer is their own balance, so a grant given to the wrong wallet, or
+    // a user the batch query missed, shows.
     const USERS: i64 = 600;
     let package = create_package(&db, "credits", Some(10), None).await;
     sqlx::query(
@@ -202,7 +203,8 @@ async fn wallets_that_start_together_each_load_their_own_grants(db: TestDb) {
         seen += 1;
     }
     assert_eq!(seen, USERS);
-    // They did load together: fewer queries than wallets.
+    // They did load together: fewer queries than wallets. (Metrics are per process: nextest
+    // runs each test in a process of its own, as the README's test command does.)
     let loads = metric(&engine, "credits_wallet_load_batch_size_count").await;
     let loaded = metric(&engine, "credits_wallet_load_batch_size_sum").await;
     assert_eq!(loaded, USERS as f64);

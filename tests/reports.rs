@@ -792,7 +792,8 @@ async fn exports_beyond_the_concurrent_limit_are_503(pool: PgPool) {
 #[sqlx::test(migrations = "./migrations/postgres")]
 async fn the_audit_logs_kind_rule_is_the_same_after_its_cheaper_check(pool: PgPool) {
     // Migration 0004 rewrote `kind ~ '^[a-z_]{1,64}$'` as a length test and an unbounded
-    // class. The kinds it accepts and refuses are the same.
+    // class. The kinds it accepts and refuses are the same: both rules side by side, then the
+    // check in force.
     let accepted = ["a", "_", "billing_credits_deduct", &"z".repeat(64)];
     let refused = [
         "",
@@ -805,6 +806,15 @@ async fn the_audit_logs_kind_rule_is_the_same_after_its_cheaper_check(pool: PgPo
         &"z".repeat(65),
     ];
     for kind in accepted.iter().chain(&refused) {
+        let (old_rule, new_rule): (bool, bool) = sqlx::query_as(
+            "SELECT $1 ~ '^[a-z_]{1,64}$', char_length($1) <= 64 AND $1 ~ '^[a-z_]+$'",
+        )
+        .bind(kind)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(old_rule, accepted.contains(kind), "{kind:?}");
+        assert_eq!(new_rule, old_rule, "{kind:?}");
         let inserted = sqlx::query("INSERT INTO billing_events (kind) VALUES ($1)")
             .bind(kind)
             .execute(&pool)

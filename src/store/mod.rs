@@ -174,12 +174,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The grants a wallet holds: every grant that can still pay or be paid back into, or be
     /// activated. Expired and revoked grants stay in the database only.
     async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error>;
-    /// The same for several users in one query, each grant with its user (the grant loader's
-    /// batches: wallets that start together load together).
+    /// The same rows for several users in one query (the grant loader's batches: wallets that
+    /// start together load together). Rows, not grants, so a malformed row fails only its own
+    /// user's wallet.
     async fn load_grants_of_wallets(
         &self,
         user_ids: &[UserId],
-    ) -> Result<Vec<(UserId, Grant)>, sqlx::Error>;
+    ) -> Result<Vec<UserPackageRow>, sqlx::Error>;
     /// Assigns a grant in one transaction with its `billing_package_assign` event (and
     /// `billing_package_activate` when it starts active). The same `external_ref` twice
     /// assigns once: the second call returns the first grant and `false`.
@@ -410,6 +411,13 @@ pub const USER_PACKAGE_COLUMNS: &str =
     expires_at, external_ref, note, created_at, updated_at";
 
 impl UserPackageRow {
+    /// [`UserPackageRow::to_grant`] for a wallet's load: an error names the malformed row.
+    pub fn to_wallet_grant(&self) -> Result<Grant, sqlx::Error> {
+        self.to_grant().ok_or_else(|| {
+            sqlx::Error::Protocol(format!("user_packages row {} is malformed", self.id))
+        })
+    }
+
     /// The wallet's view of this row. `None` for a row the database's CHECKs would not allow.
     pub fn to_grant(&self) -> Option<Grant> {
         let status = GrantStatus::parse(&self.status)?;

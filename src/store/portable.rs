@@ -425,7 +425,7 @@ where
                 .bind(user_id.get())
                 .fetch_all(pool)
                 .await?;
-        rows.iter().map(wallet_grant).collect()
+        rows.iter().map(UserPackageRow::to_wallet_grant).collect()
     }
 
     /// The grants of several wallets in one query (wallets that start together load
@@ -434,18 +434,14 @@ where
         pool: &Pool<DB>,
         owners: &str,
         user_ids: L,
-    ) -> Result<Vec<(UserId, Grant)>, sqlx::Error>
+    ) -> Result<Vec<UserPackageRow>, sqlx::Error>
     where
         L: for<'q> Encode<'q, DB> + Type<DB> + Send + 'static,
     {
-        let rows: Vec<UserPackageRow> =
-            sqlx::query_as(sqlx::AssertSqlSafe(wallet_grants_query(owners)))
-                .bind(user_ids)
-                .fetch_all(pool)
-                .await?;
-        rows.iter()
-            .map(|row| Ok((UserId(row.user_id), wallet_grant(row)?)))
-            .collect()
+        sqlx::query_as(sqlx::AssertSqlSafe(wallet_grants_query(owners)))
+            .bind(user_ids)
+            .fetch_all(pool)
+            .await
     }
 
     pub async fn find_user_package(
@@ -947,10 +943,4 @@ fn wallet_grants_query(owners: &str) -> String {
         "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
          WHERE user_id {owners} AND status IN ('pending', 'active', 'depleted')"
     )
-}
-
-/// An error names a row the database's CHECKs would not allow.
-fn wallet_grant(row: &UserPackageRow) -> Result<Grant, sqlx::Error> {
-    row.to_grant()
-        .ok_or_else(|| sqlx::Error::Protocol(format!("user_packages row {} is malformed", row.id)))
 }

@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::domain::{Grant, UserId};
 use crate::metrics;
-use crate::store::Db;
+use crate::store::{Db, UserPackageRow};
 
 /// Load requests waiting for a batch; a wallet that finds the queue full waits for room.
 pub const LOAD_QUEUE_MAX: usize = 4_096;
@@ -23,18 +23,22 @@ pub const LOAD_QUEUE_MAX: usize = 4_096;
 pub const LOAD_BATCH_MAX: usize = 256;
 /// Queries at once (each holds one pool connection); while all are out, requests gather
 /// into the next batch.
-pub const LOADS_IN_FLIGHT: usize = 4;
+pub const LOADS_IN_FLIGHT_MAX: usize = 4;
 
+/// A failed query fails every wallet of its batch, so its error is shared.
 type Answer = Result<Vec<Grant>, Arc<sqlx::Error>>;
 
+/// One starting wallet's request.
 struct LoadRequest {
     user_id: UserId,
+    /// The wallet's grants, or why they could not be read.
     reply: oneshot::Sender<Answer>,
 }
 
 /// The handle wallets load through. The loader stops when every handle is gone.
 #[derive(Clone)]
 pub struct GrantLoader {
+    /// The loader's queue, at most [`LOAD_QUEUE_MAX`] requests.
     requests: mpsc::Sender<LoadRequest>,
 }
 
@@ -56,9 +60,8 @@ impl GrantLoader {
             .map_err(|_| stopped())?;
         match answer.await {
             Ok(Ok(grants)) => Ok(grants),
-            // One failed query fails its whole batch; each wallet gets the error's text.
             Ok(Err(error)) => Err(sqlx::Error::Protocol(format!(
-                "loading the grants of a batch of wallets: {error}"
+                "loading the grants of a wallet: {error}"
             ))),
             Err(_) => Err(stopped()),
         }
@@ -70,7 +73,7 @@ fn stopped() -> sqlx::Error {
 }
 
 async fn run(db: Db, mut queue: mpsc::Receiver<LoadRequest>) {
-    let in_flight = Arc::new(Semaphore::new(LOADS_IN_FLIGHT));
+    let in_flight = Arc::new(Semaphore::new(LOADS_IN_FLIGHT_MAX));
     while let Some(first) = queue.recv().await {
         // Taken before the batch is: while every query is out, requests gather.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -99,14 +102,20 @@ async fn answer(db: &Db, batch: Vec<LoadRequest>) {
     metrics::wallet_load_batch(user_ids.len());
     match db.load_grants_of_wallets(&user_ids).await {
         Ok(rows) => {
-            let mut by_user: HashMap<UserId, Vec<Grant>> = HashMap::with_capacity(user_ids.len());
-            for (user_id, grant) in rows {
-                by_user.entry(user_id).or_default().push(grant);
+            let mut by_user: HashMap<UserId, Vec<UserPackageRow>> =
+                HashMap::with_capacity(user_ids.len());
+            for row in rows {
+                by_user.entry(UserId(row.user_id)).or_default().push(row);
             }
             for request in batch {
-                let grants = by_user.get(&request.user_id).cloned().unwrap_or_default();
+                // A malformed row fails its own user's wallet only.
+                let grants = by_user
+                    .get(&request.user_id)
+                    .map_or(Ok(Vec::new()), |rows| {
+                        rows.iter().map(UserPackageRow::to_wallet_grant).collect()
+                    });
                 // A wallet that gave up waiting is gone; nothing to tell it.
-                let _ = request.reply.send(Ok(grants));
+                let _ = request.reply.send(grants.map_err(Arc::new));
             }
         }
         Err(error) => {

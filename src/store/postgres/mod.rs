@@ -162,7 +162,7 @@ impl Store for PgStore {
     async fn load_grants_of_wallets(
         &self,
         user_ids: &[UserId],
-    ) -> Result<Vec<(UserId, Grant)>, sqlx::Error> {
+    ) -> Result<Vec<UserPackageRow>, sqlx::Error> {
         let ids: Vec<i64> = user_ids.iter().map(|user_id| user_id.get()).collect();
         Portable::<Postgres>::load_grants_of_wallets(&self.pool, "= ANY($1)", ids).await
     }

@@ -274,7 +274,7 @@ impl Store for SqliteStore {
     async fn load_grants_of_wallets(
         &self,
         user_ids: &[UserId],
-    ) -> Result<Vec<(UserId, Grant)>, sqlx::Error> {
+    ) -> Result<Vec<UserPackageRow>, sqlx::Error> {
         let ids: Vec<i64> = user_ids.iter().map(|user_id| user_id.get()).collect();
         let ids = serde_json::to_string(&ids).map_err(|error| sqlx::Error::Encode(error.into()))?;
         Portable::<Sqlite>::load_grants_of_wallets(

@@ -303,16 +303,14 @@ impl<D: BatchDialect> LaneConnection<D> {
     }
 }
 
-fn fill_batch(
-    first: Envelope,
-    queue: &mut mpsc::Receiver<Envelope>,
-    batch_max: usize,
-) -> Vec<Envelope> {
+/// `first` and whatever else is queued now, up to `batch_max`: a batch never waits for more.
+/// (Also the grant loader's.)
+pub(crate) fn fill_batch<T>(first: T, queue: &mut mpsc::Receiver<T>, batch_max: usize) -> Vec<T> {
     let mut batch = Vec::with_capacity(batch_max.min(queue.len() + 1));
     batch.push(first);
     while batch.len() < batch_max {
         match queue.try_recv() {
-            Ok(envelope) => batch.push(envelope),
+            Ok(item) => batch.push(item),
             Err(_) => break,
         }
     }

@@ -15,6 +15,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::domain::{Grant, UserId};
 use crate::metrics;
+use crate::store::writer::fill_batch;
 use crate::store::{Db, UserPackageRow};
 
 /// Load requests waiting for a batch; a wallet that finds the queue full waits for room.
@@ -79,14 +80,7 @@ async fn run(db: Db, mut queue: mpsc::Receiver<LoadRequest>) {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let mut batch = Vec::with_capacity(LOAD_BATCH_MAX.min(queue.len() + 1));
-        batch.push(first);
-        while batch.len() < LOAD_BATCH_MAX {
-            match queue.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
+        let batch = fill_batch(first, &mut queue, LOAD_BATCH_MAX);
         let db = db.clone();
         tokio::spawn(async move {
             answer(&db, batch).await;

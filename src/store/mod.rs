@@ -171,12 +171,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<PackageRow>, sqlx::Error>;
 
     // Grants and wallets.
-    /// The grants a wallet holds: every grant that can still pay or be paid back into, or be
-    /// activated. Expired and revoked grants stay in the database only.
-    async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error>;
-    /// The same rows for several users in one query (the grant loader's batches: wallets that
-    /// start together load together). Rows, not grants, so a malformed row fails only its own
-    /// user's wallet.
+    /// The grants several users' wallets hold, in one query (the grant loader's batches:
+    /// wallets that start together load together): every grant that can still pay or be paid
+    /// back into, or be activated. Expired and revoked grants stay in the database only. Rows,
+    /// not grants, so a malformed row fails only its own user's wallet.
     async fn load_grants_of_wallets(
         &self,
         user_ids: &[UserId],

@@ -15,7 +15,7 @@ use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Que
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
-use crate::domain::{ConsumptionId, Grant, GrantStatus, NewGrant, UserId, UserPackageId};
+use crate::domain::{ConsumptionId, GrantStatus, NewGrant, UserId, UserPackageId};
 use crate::store::catalog::{
     PackageFields, PackageFilter, PackageSort, PriceFields, price_event_payload,
 };
@@ -416,18 +416,6 @@ where
         .await
     }
 
-    pub async fn load_wallet_grants(
-        pool: &Pool<DB>,
-        user_id: UserId,
-    ) -> Result<Vec<Grant>, sqlx::Error> {
-        let rows: Vec<UserPackageRow> =
-            sqlx::query_as(sqlx::AssertSqlSafe(wallet_grants_query("= $1")))
-                .bind(user_id.get())
-                .fetch_all(pool)
-                .await?;
-        rows.iter().map(UserPackageRow::to_wallet_grant).collect()
-    }
-
     /// The grants of several wallets in one query (wallets that start together load
     /// together): `owners` is the backend's test of `user_id` against the one bound list.
     pub async fn load_grants_of_wallets<L>(
@@ -438,10 +426,13 @@ where
     where
         L: for<'q> Encode<'q, DB> + Type<DB> + Send + 'static,
     {
-        sqlx::query_as(sqlx::AssertSqlSafe(wallet_grants_query(owners)))
-            .bind(user_ids)
-            .fetch_all(pool)
-            .await
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
+             WHERE user_id {owners} AND status IN ('pending', 'active', 'depleted')"
+        )))
+        .bind(user_ids)
+        .fetch_all(pool)
+        .await
     }
 
     pub async fn find_user_package(
@@ -935,12 +926,4 @@ where
             row.ok_or_else(|| protocol("a grant change found the grant in another status"))?;
         Ok((row, voided))
     }
-}
-
-/// The grants a wallet holds, of the users that `owners` (a test of `user_id`) names.
-fn wallet_grants_query(owners: &str) -> String {
-    format!(
-        "SELECT {USER_PACKAGE_COLUMNS} FROM user_packages
-         WHERE user_id {owners} AND status IN ('pending', 'active', 'depleted')"
-    )
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::domain::{Grant, UserId};
+use crate::domain::{self, Grant, UserId};
 use crate::metrics;
 use crate::store::writer::fill_batch;
 use crate::store::{Db, UserPackageRow};
@@ -51,8 +51,9 @@ impl GrantLoader {
         GrantLoader { requests }
     }
 
-    /// The grants of `user_id`'s wallet, as [`crate::store::Store::load_wallet_grants`] reads
-    /// them (burn order is the wallet's business).
+    /// The grants `user_id`'s wallet holds (every grant that can still pay or be paid back
+    /// into, or be activated), in burn order. Every read of a wallet's grants comes here: its
+    /// start, its reload after a failed batch, and reconciliation's snapshot.
     pub async fn load(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
         let (reply, answer) = oneshot::channel();
         self.requests
@@ -107,6 +108,10 @@ async fn answer(db: &Db, batch: Vec<LoadRequest>) {
                     .get(&request.user_id)
                     .map_or(Ok(Vec::new()), |rows| {
                         rows.iter().map(UserPackageRow::to_wallet_grant).collect()
+                    })
+                    .map(|mut grants| {
+                        domain::sort_burn_order(&mut grants);
+                        grants
                     });
                 // A wallet that gave up waiting is gone; nothing to tell it.
                 let _ = request.reply.send(grants.map_err(Arc::new));

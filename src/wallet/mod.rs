@@ -200,11 +200,13 @@ impl Actor for Wallet {
         _myself: ActorRef<WalletMsg>,
         args: WalletArgs,
     ) -> Result<WalletState, ActorProcessingErr> {
-        let mut grants = match args.preloaded {
-            Some(grants) => grants,
+        let grants = match args.preloaded {
+            Some(mut grants) => {
+                domain::sort_burn_order(&mut grants);
+                grants
+            }
             None => args.deps.loader.load(args.user_id).await?,
         };
-        domain::sort_burn_order(&mut grants);
         Ok(WalletState {
             user_id: args.user_id,
             deps: args.deps,
@@ -352,12 +354,6 @@ impl Actor for Wallet {
     }
 }
 
-async fn load_grants(db: &Db, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
-    let mut grants = db.load_wallet_grants(user_id).await?;
-    domain::sort_burn_order(&mut grants);
-    Ok(grants)
-}
-
 impl WalletState {
     fn is_stale(&self) -> bool {
         self.epoch_cell.load(Ordering::Acquire) != self.epoch
@@ -381,7 +377,7 @@ impl WalletState {
 
     async fn reload(&mut self) -> Result<(), EngineError> {
         let epoch = self.epoch_cell.load(Ordering::Acquire);
-        match load_grants(&self.deps.db, self.user_id).await {
+        match self.deps.loader.load(self.user_id).await {
             Ok(grants) => {
                 self.grants = grants;
                 self.epoch = epoch;
@@ -848,7 +844,7 @@ impl WalletState {
         if self.in_flight > 0 || self.is_stale() {
             return Ok(WalletSnapshot::Busy);
         }
-        let stored = self.deps.db.load_wallet_grants(self.user_id).await?;
+        let stored = self.deps.loader.load(self.user_id).await?;
         Ok(WalletSnapshot::Ready {
             memory: self.grants.clone(),
             stored,

@@ -28,7 +28,7 @@ use super::{
     GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store, StoredConsumption,
     UserPackageRow, assemble,
 };
-use crate::domain::{ConsumptionId, Grant, NewGrant, UserId, UserPackageId};
+use crate::domain::{ConsumptionId, NewGrant, UserId, UserPackageId};
 
 /// The PostgreSQL store over its pool.
 #[derive(Clone, Debug)]
@@ -153,10 +153,6 @@ impl Store for PgStore {
     ) -> Result<Vec<PackageRow>, sqlx::Error> {
         Portable::<Postgres>::list_packages(&self.pool, filter, sort, descending, after, limit)
             .await
-    }
-
-    async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
-        Portable::<Postgres>::load_wallet_grants(&self.pool, user_id).await
     }
 
     async fn load_grants_of_wallets(

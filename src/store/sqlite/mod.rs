@@ -38,7 +38,7 @@ use super::{
     GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store, StoredConsumption, UserPackageRow,
     assemble,
 };
-use crate::domain::{ConsumptionId, Grant, NewGrant, UserId, UserPackageId};
+use crate::domain::{ConsumptionId, NewGrant, UserId, UserPackageId};
 
 /// The migrations of the SQLite store, embedded in the binary and applied at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -263,10 +263,6 @@ impl Store for SqliteStore {
         limit: i64,
     ) -> Result<Vec<PackageRow>, sqlx::Error> {
         Portable::<Sqlite>::list_packages(&self.pool, filter, sort, descending, after, limit).await
-    }
-
-    async fn load_wallet_grants(&self, user_id: UserId) -> Result<Vec<Grant>, sqlx::Error> {
-        Portable::<Sqlite>::load_wallet_grants(&self.pool, user_id).await
     }
 
     /// The ids go in as one JSON array (SQLite has no array parameters): one statement

@@ -239,6 +239,59 @@ async fn a_refund_of_a_depleted_grant_makes_it_active_again(db: TestDb) {
 }
 }
 
+backend_tests! {
+async fn a_free_actions_deduct_is_refunded_and_replayed_like_any_other(db: TestDb) {
+    let credits = create_package(&db, "credits", Some(5), None).await;
+    let engine = engine_on(&db).await;
+    engine.grant(9, credits, json!({})).await;
+    let (status, body) = engine
+        .admin(
+            "POST",
+            "/api/admin/billing/action-prices",
+            Some(json!({"action_key": "free_preview", "name": "Preview", "credits_cost": 0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // A deduction that costs nothing draws on no grant: its record has no allocation, which
+    // the refund's read must still find.
+    let (status, deducted) = engine
+        .deduct(json!({"user_id": 9, "action_key": "free_preview", "idempotency_key": "free-1"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{deducted}");
+    assert_eq!(deducted["credits_cost"], 0);
+    assert_eq!(deducted["allocations"], json!([]));
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM consumption_allocations").await,
+        0
+    );
+
+    let (status, refunded) = engine
+        .refund(json!({"consumption_id": deducted["consumption_id"]}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{refunded}");
+    assert_eq!(
+        refunded,
+        json!({"consumption_id": deducted["consumption_id"], "refunded_credits": 0,
+               "forfeited_credits": 0, "remaining_credits": 5, "replayed": false})
+    );
+    let (status, again) = engine
+        .refund(json!({"user_id": 9, "idempotency_key": "free-1"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["replayed"], true);
+    let refunded_status: String =
+        sqlx::query_scalar("SELECT status FROM consumption_records WHERE idempotency_key = 'free-1'")
+            .fetch_one(&db.sql)
+            .await
+            .unwrap();
+    assert_eq!(refunded_status, "refunded");
+    assert_eq!(remaining_of(&db, 9).await, 5);
+    assert_ledger_balanced(&db).await;
+    engine.stop().await;
+}
+}
+
 /// What the database holds, to prove a rejected request wrote nothing.
 async fn snapshot(db: &TestDb) -> Value {
     let row: (i64, i64, i64, i64) = sqlx::query_as(

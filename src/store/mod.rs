@@ -477,6 +477,54 @@ pub(crate) struct AllocationRow {
     forfeited_credits: i64,
 }
 
+/// A consumption's head with one of its allocations, or with none (`line_*` all `NULL`) when
+/// it has no allocation: one row of [`CONSUMPTION_LINES`].
+#[derive(sqlx::FromRow)]
+pub(crate) struct ConsumptionLineRow {
+    #[sqlx(flatten)]
+    head: ConsumptionHead,
+    line_grant: Option<i64>,
+    line_credits: Option<i64>,
+    line_refunded: Option<i64>,
+    line_forfeited: Option<i64>,
+}
+
+/// With [`CONSUMPTION_HEAD_COLUMNS`] before it, a consumption and its allocations in one read:
+/// one row per allocation (one row without an allocation for a deduction that drew nothing).
+pub(crate) const CONSUMPTION_LINES: &str = "a.user_package_id AS line_grant,
+        a.credits AS line_credits, a.refunded_credits AS line_refunded,
+        a.forfeited_credits AS line_forfeited
+    FROM consumption_records c
+    LEFT JOIN consumption_allocations a ON a.user_id = c.user_id AND a.consumption_id = c.id";
+
+/// The one consumption that rows of [`CONSUMPTION_LINES`] describe, or `None` without rows.
+pub(crate) fn assemble_lines(
+    rows: Vec<ConsumptionLineRow>,
+) -> Result<Option<StoredConsumption>, sqlx::Error> {
+    let mut allocations = Vec::with_capacity(rows.len());
+    let mut head = None;
+    for row in rows {
+        if let (Some(user_package_id), Some(credits), Some(refunded), Some(forfeited)) = (
+            row.line_grant,
+            row.line_credits,
+            row.line_refunded,
+            row.line_forfeited,
+        ) {
+            allocations.push(AllocationRow {
+                user_id: row.head.user_id,
+                consumption_id: row.head.id,
+                user_package_id,
+                credits,
+                refunded_credits: refunded,
+                forfeited_credits: forfeited,
+            });
+        }
+        head.get_or_insert(row.head);
+    }
+    let Some(head) = head else { return Ok(None) };
+    Ok(assemble(vec![head], allocations)?.into_iter().next())
+}
+
 /// Qualified with `c`, the alias of `consumption_records` wherever these are read.
 pub(crate) const CONSUMPTION_HEAD_COLUMNS: &str =
     "c.id, c.user_id, c.credits_cost, c.remaining_after,

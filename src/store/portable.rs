@@ -30,10 +30,9 @@ use crate::store::reports::{
 };
 use crate::store::writer::{GrantChange, GrantEffect, protocol};
 use crate::store::{
-    ActionPriceRow, AllocationRow as StoredAllocation, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead,
-    GrantFilter, GrantListRow, Merge, Merged, PACKAGE_COLUMNS, PRICE_COLUMNS, PackageRow,
-    SUMMARY_GRANTS_MAX, StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow, assemble,
-    grant_columns_of,
+    ActionPriceRow, CONSUMPTION_HEAD_COLUMNS, CONSUMPTION_LINES, ConsumptionLineRow, GrantFilter,
+    GrantListRow, Merge, Merged, PACKAGE_COLUMNS, PRICE_COLUMNS, PackageRow, SUMMARY_GRANTS_MAX,
+    StoredConsumption, USER_PACKAGE_COLUMNS, UserPackageRow, assemble_lines, grant_columns_of,
 };
 
 /// What the shared statements do differently on each backend.
@@ -109,8 +108,7 @@ where
     StatisticsGroup: for<'r> FromRow<'r, DB::Row>,
     StatisticsSums: for<'r> FromRow<'r, DB::Row>,
     AllocationRow: for<'r> FromRow<'r, DB::Row>,
-    StoredAllocation: for<'r> FromRow<'r, DB::Row>,
-    ConsumptionHead: for<'r> FromRow<'r, DB::Row>,
+    ConsumptionLineRow: for<'r> FromRow<'r, DB::Row>,
 {
     /// Assigns a grant in one transaction with its `billing_package_assign` event (and
     /// `billing_package_activate` when it starts active). The same `external_ref` twice
@@ -267,44 +265,41 @@ where
         Ok(Some(row))
     }
 
-    /// What each grant paid of one consumption, and what of it came back.
-    pub async fn allocations_of(
-        connection: &mut DB::Connection,
-        user_id: i64,
-        consumption_id: i64,
-    ) -> Result<Vec<StoredAllocation>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits,
-                    a.refunded_credits, a.forfeited_credits
-             FROM consumption_allocations a
-             WHERE a.user_id = $1 AND a.consumption_id = $2
-             ORDER BY a.user_package_id",
-        )
-        .bind(user_id)
-        .bind(consumption_id)
-        .fetch_all(connection)
-        .await
-    }
-
-    /// A committed deduction by its id, with its allocations. Two reads without a transaction
-    /// around them: only the user's own wallet, which is asking, changes them.
+    /// A committed deduction by its id, with its allocations, in one read.
     pub async fn find_consumption(
         pool: &Pool<DB>,
         user_id: UserId,
         id: ConsumptionId,
     ) -> Result<Option<StoredConsumption>, sqlx::Error> {
-        let mut connection = pool.acquire().await?;
-        let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c
-             WHERE c.user_id = $1 AND c.id = $2"
+        let rows: Vec<ConsumptionLineRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSUMPTION_HEAD_COLUMNS}, {CONSUMPTION_LINES}
+             WHERE c.user_id = $1 AND c.id = $2
+             ORDER BY a.user_package_id"
         )))
         .bind(user_id.get())
         .bind(id.get())
-        .fetch_optional(&mut *connection)
+        .fetch_all(pool)
         .await?;
-        let Some(head) = head else { return Ok(None) };
-        let allocations = Self::allocations_of(&mut connection, user_id.get(), id.get()).await?;
-        Ok(assemble(vec![head], allocations)?.into_iter().next())
+        assemble_lines(rows)
+    }
+
+    /// A committed deduction by its user and idempotency key, with its allocations, in one
+    /// read.
+    pub async fn find_consumption_by_key(
+        connection: &mut DB::Connection,
+        user_id: i64,
+        key: &str,
+    ) -> Result<Option<StoredConsumption>, sqlx::Error> {
+        let rows: Vec<ConsumptionLineRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSUMPTION_HEAD_COLUMNS}, {CONSUMPTION_LINES}
+             WHERE c.user_id = $1 AND c.idempotency_key = $2
+             ORDER BY a.user_package_id"
+        )))
+        .bind(user_id)
+        .bind(key.to_owned())
+        .fetch_all(connection)
+        .await?;
+        assemble_lines(rows)
     }
 
     /// One page of consumption records with their allocations, from one snapshot.

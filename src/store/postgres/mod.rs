@@ -225,7 +225,8 @@ impl Store for PgStore {
         user_id: UserId,
         key: &str,
     ) -> Result<Option<StoredConsumption>, sqlx::Error> {
-        find_consumption_by_key(&self.pool, user_id, key).await
+        let mut connection = self.pool.acquire().await?;
+        Portable::<Postgres>::find_consumption_by_key(&mut connection, user_id.get(), key).await
     }
 
     async fn find_consumption(
@@ -388,14 +389,4 @@ pub(super) async fn find_consumptions_by_keys(
     let keys: Vec<String> = rows.iter().map(|r| r.idempotency_key.clone()).collect();
     let stored = assemble(rows.into_iter().map(|r| r.head).collect(), allocations)?;
     Ok(keys.into_iter().zip(stored).collect())
-}
-
-async fn find_consumption_by_key(
-    pool: &PgPool,
-    user_id: UserId,
-    key: &str,
-) -> Result<Option<StoredConsumption>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let found = find_consumptions_by_keys(&mut conn, &[user_id.get()], &[key]).await?;
-    Ok(found.into_iter().next().map(|(_, stored)| stored))
 }

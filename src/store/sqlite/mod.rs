@@ -34,9 +34,8 @@ use super::reports::{
 };
 use super::writer::{self, WriterHandle, WriterLimits};
 use super::{
-    ACQUIRE_TIMEOUT, ActionPriceRow, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead, GrantFilter,
-    GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store, StoredConsumption, UserPackageRow,
-    assemble,
+    ACQUIRE_TIMEOUT, ActionPriceRow, GrantFilter, GrantListRow, Merge, Merged, PackageRow,
+    PoolUsage, Store, StoredConsumption, UserPackageRow,
 };
 use crate::domain::{ConsumptionId, NewGrant, UserId, UserPackageId};
 
@@ -343,10 +342,8 @@ impl Store for SqliteStore {
         user_id: UserId,
         key: &str,
     ) -> Result<Option<StoredConsumption>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let found = find_consumptions_by_keys(&mut tx, &[user_id.get()], &[key]).await?;
-        tx.commit().await?;
-        Ok(found.into_iter().next().map(|(_, stored)| stored))
+        let mut connection = self.pool.acquire().await?;
+        Portable::<Sqlite>::find_consumption_by_key(&mut connection, user_id.get(), key).await
     }
 
     async fn find_consumption(
@@ -445,17 +442,9 @@ pub(super) async fn find_consumptions_by_keys(
 ) -> Result<Vec<(String, StoredConsumption)>, sqlx::Error> {
     let mut found = Vec::new();
     for (&user_id, &key) in user_ids.iter().zip(keys) {
-        let head: Option<ConsumptionHead> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {CONSUMPTION_HEAD_COLUMNS} FROM consumption_records c
-             WHERE c.user_id = $1 AND c.idempotency_key = $2"
-        )))
-        .bind(user_id)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some(head) = head else { continue };
-        let allocations = Portable::<Sqlite>::allocations_of(conn, head.user_id, head.id).await?;
-        if let Some(stored) = assemble(vec![head], allocations)?.into_iter().next() {
+        if let Some(stored) =
+            Portable::<Sqlite>::find_consumption_by_key(&mut *conn, user_id, key).await?
+        {
             found.push((key.to_owned(), stored));
         }
     }

@@ -321,6 +321,52 @@ async fn one_idempotency_key_sent_twenty_times_at_once_deducts_once(db: TestDb) 
 }
 
 backend_tests! {
+async fn a_forgotten_key_is_replayed_at_commit_with_every_grant_it_drew_on(db: TestDb) {
+    // The wallet remembers one key, so a retry of an older one reaches the writer, whose
+    // insert finds the key committed and answers with what the database holds.
+    let mut settings = settings("postgres://unused");
+    settings.idempotency_cache_max = 1;
+    let small = create_package(&db, "credits", Some(2), None).await;
+    let large = create_package(&db, "credits", Some(10), None).await;
+    let engine = engine_on_with(
+        &db,
+        settings,
+        Arc::new(credits_engine::clock::ManualClock::new(start_time())),
+    )
+    .await;
+    let first_grant = engine.grant(12, small, json!({"priority": 1})).await;
+    let second_grant = engine.grant(12, large, json!({"priority": 2})).await;
+
+    let k1 = json!({"user_id": 12, "action_key": "advanced_analysis", "idempotency_key": "k1"});
+    let (status, original) = engine.deduct(k1.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{original}");
+    assert_eq!(
+        original["allocations"],
+        json!([{"user_package_id": first_grant, "credits": 2},
+               {"user_package_id": second_grant, "credits": 1}])
+    );
+    let (status, _) = engine
+        .deduct(json!({"user_id": 12, "action_key": "ai_chat", "idempotency_key": "k2"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, replay) = engine.deduct(k1).await;
+    assert_eq!(status, StatusCode::OK, "{replay}");
+    assert_eq!(replay["replayed"], true);
+    for field in ["consumption_id", "credits_cost", "remaining_credits", "allocations"] {
+        assert_eq!(replay[field], original[field], "{field}");
+    }
+    assert_eq!(remaining_of(&db, 12).await, 8);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM consumption_records").await,
+        2
+    );
+    assert_ledger_balanced(&db).await;
+    engine.stop().await;
+}
+}
+
+backend_tests! {
 async fn a_failed_batch_acknowledges_nothing_and_the_wallet_reloads(db: TestDb) {
     let package = create_package(&db, "credits", Some(10), None).await;
     let engine = engine_on(&db).await;

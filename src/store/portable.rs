@@ -271,33 +271,43 @@ where
         user_id: UserId,
         id: ConsumptionId,
     ) -> Result<Option<StoredConsumption>, sqlx::Error> {
-        let rows: Vec<ConsumptionLineRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {CONSUMPTION_HEAD_COLUMNS}, {CONSUMPTION_LINES}
-             WHERE c.user_id = $1 AND c.id = $2
-             ORDER BY a.user_package_id"
-        )))
-        .bind(user_id.get())
-        .bind(id.get())
-        .fetch_all(pool)
-        .await?;
-        assemble_lines(rows)
+        Self::consumption_with_lines(pool, "c.id = $2", user_id.get(), id.get()).await
     }
 
     /// A committed deduction by its user and idempotency key, with its allocations, in one
     /// read.
-    pub async fn find_consumption_by_key(
-        connection: &mut DB::Connection,
+    pub async fn find_consumption_by_key<'e, E>(
+        executor: E,
         user_id: i64,
         key: &str,
-    ) -> Result<Option<StoredConsumption>, sqlx::Error> {
+    ) -> Result<Option<StoredConsumption>, sqlx::Error>
+    where
+        E: Executor<'e, Database = DB>,
+    {
+        let matching = "c.idempotency_key = $2";
+        Self::consumption_with_lines(executor, matching, user_id, key.to_owned()).await
+    }
+
+    /// The user's one deduction that `matching` picks (its `$2` is `value`), with its
+    /// allocations in grant order.
+    async fn consumption_with_lines<'e, E, V>(
+        executor: E,
+        matching: &str,
+        user_id: i64,
+        value: V,
+    ) -> Result<Option<StoredConsumption>, sqlx::Error>
+    where
+        E: Executor<'e, Database = DB>,
+        V: for<'q> Encode<'q, DB> + Type<DB> + Send + 'static,
+    {
         let rows: Vec<ConsumptionLineRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {CONSUMPTION_HEAD_COLUMNS}, {CONSUMPTION_LINES}
-             WHERE c.user_id = $1 AND c.idempotency_key = $2
+             WHERE c.user_id = $1 AND {matching}
              ORDER BY a.user_package_id"
         )))
         .bind(user_id)
-        .bind(key.to_owned())
-        .fetch_all(connection)
+        .bind(value)
+        .fetch_all(executor)
         .await?;
         assemble_lines(rows)
     }

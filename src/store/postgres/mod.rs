@@ -24,9 +24,9 @@ use super::reports::{
 };
 use super::writer::{self, WriterHandle, WriterLimits};
 use super::{
-    ACQUIRE_TIMEOUT, ActionPriceRow, AllocationRow, CONSUMPTION_HEAD_COLUMNS, ConsumptionHead, Db,
-    GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store, StoredConsumption,
-    UserPackageRow, assemble,
+    ACQUIRE_TIMEOUT, ActionPriceRow, CONSUMPTION_HEAD_COLUMNS, CONSUMPTION_LINES,
+    ConsumptionLineRow, Db, GrantFilter, GrantListRow, Merge, Merged, PackageRow, PoolUsage, Store,
+    StoredConsumption, UserPackageRow, assemble_lines,
 };
 use crate::domain::{ConsumptionId, NewGrant, UserId, UserPackageId};
 
@@ -225,8 +225,7 @@ impl Store for PgStore {
         user_id: UserId,
         key: &str,
     ) -> Result<Option<StoredConsumption>, sqlx::Error> {
-        let mut connection = self.pool.acquire().await?;
-        Portable::<Postgres>::find_consumption_by_key(&mut connection, user_id.get(), key).await
+        Portable::<Postgres>::find_consumption_by_key(&self.pool, user_id.get(), key).await
     }
 
     async fn find_consumption(
@@ -342,25 +341,6 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
     MIGRATOR.run(pool).await.map_err(sqlx::Error::from)
 }
 
-async fn allocations_of(
-    executor: impl sqlx::PgExecutor<'_>,
-    user_ids: &[i64],
-    consumption_ids: &[i64],
-) -> Result<Vec<AllocationRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT a.user_id, a.consumption_id, a.user_package_id, a.credits, a.refunded_credits,
-                a.forfeited_credits
-         FROM consumption_allocations a
-         JOIN UNNEST($1::bigint[], $2::bigint[]) AS k(user_id, consumption_id)
-           ON a.user_id = k.user_id AND a.consumption_id = k.consumption_id
-         ORDER BY a.user_id, a.consumption_id, a.user_package_id",
-    )
-    .bind(user_ids)
-    .bind(consumption_ids)
-    .fetch_all(executor)
-    .await
-}
-
 /// The committed deductions of these (user, idempotency key) pairs, in no particular order.
 pub(super) async fn find_consumptions_by_keys(
     conn: &mut sqlx::PgConnection,
@@ -371,22 +351,32 @@ pub(super) async fn find_consumptions_by_keys(
     struct Keyed {
         idempotency_key: String,
         #[sqlx(flatten)]
-        head: ConsumptionHead,
+        line: ConsumptionLineRow,
     }
     let rows: Vec<Keyed> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT c.idempotency_key, {CONSUMPTION_HEAD_COLUMNS}
-         FROM consumption_records c
+        "SELECT c.idempotency_key, {CONSUMPTION_HEAD_COLUMNS}, {CONSUMPTION_LINES}
          JOIN UNNEST($1::bigint[], $2::text[]) AS k(user_id, idempotency_key)
-           ON c.user_id = k.user_id AND c.idempotency_key = k.idempotency_key"
+           ON c.user_id = k.user_id AND c.idempotency_key = k.idempotency_key
+         ORDER BY c.user_id, c.id, a.user_package_id"
     )))
     .bind(user_ids)
     .bind(keys)
-    .fetch_all(&mut *conn)
+    .fetch_all(conn)
     .await?;
-    let head_users: Vec<i64> = rows.iter().map(|r| r.head.user_id).collect();
-    let head_ids: Vec<i64> = rows.iter().map(|r| r.head.id).collect();
-    let allocations = allocations_of(&mut *conn, &head_users, &head_ids).await?;
-    let keys: Vec<String> = rows.iter().map(|r| r.idempotency_key.clone()).collect();
-    let stored = assemble(rows.into_iter().map(|r| r.head).collect(), allocations)?;
-    Ok(keys.into_iter().zip(stored).collect())
+    // One consumption's rows are adjacent: its head repeated beside each allocation.
+    let mut found = Vec::new();
+    let mut rows = rows.into_iter().peekable();
+    while let Some(first) = rows.next() {
+        let head = (first.line.head.user_id, first.line.head.id);
+        let key = first.idempotency_key;
+        let mut lines = vec![first.line];
+        while let Some(next) = rows.next_if(|row| (row.line.head.user_id, row.line.head.id) == head)
+        {
+            lines.push(next.line);
+        }
+        if let Some(stored) = assemble_lines(lines)? {
+            found.push((key, stored));
+        }
+    }
+    Ok(found)
 }

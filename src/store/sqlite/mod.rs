@@ -342,8 +342,7 @@ impl Store for SqliteStore {
         user_id: UserId,
         key: &str,
     ) -> Result<Option<StoredConsumption>, sqlx::Error> {
-        let mut connection = self.pool.acquire().await?;
-        Portable::<Sqlite>::find_consumption_by_key(&mut connection, user_id.get(), key).await
+        Portable::<Sqlite>::find_consumption_by_key(&self.pool, user_id.get(), key).await
     }
 
     async fn find_consumption(
